@@ -1,0 +1,32 @@
+"""ctrecon: sparse-view cone-beam CT reconstruction with pretrained Gaussian priors.
+
+Install on a CPU-only machine with `bash scripts/install.sh` (chooses the CPU build of torch),
+or `pip install -e .` where a suitable torch is already installed (see README.md).
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="ctrecon",
+    version="0.1.0",
+    description="Sparse-view cone-beam CT reconstruction (3DGR-CT) with MedGMAE prior initialisation",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["ctrecon", "ctrecon.*", "priors", "priors.*"]),
+    package_data={"ctrecon": ["csrc/*.cpp", "csrc/*.h"]},
+    # torch is required but deliberately unpinned above 2.1: scripts/install.sh installs the CPU build
+    # on machines without CUDA before this package, so pip never pulls the multi-GB CUDA wheels there.
+    install_requires=[
+        "torch>=2.1",
+        "numpy>=1.23",
+        "scipy>=1.10",
+        "nibabel>=5.0",
+        "pydicom>=2.4",
+        "click>=8.1",
+        "tqdm>=4.60",
+        "matplotlib>=3.6",
+        "ninja>=1.11",
+    ],
+    extras_require={"test": ["pytest>=7", "scikit-image>=0.21"]},
+    entry_points={"console_scripts": ["ctrecon=ctrecon.cli:main"]},
+)
