@@ -1,0 +1,97 @@
+"""Lazily built C++/OpenMP voxelizer (``ctrecon/csrc/voxelize_cpu.cpp``) and its autograd wrapper.
+
+Nothing is compiled at import: the first CPU :func:`render.voxelize` call builds the extension with
+``torch.utils.cpp_extension.load`` (cached by torch under ``TORCH_EXTENSIONS_DIR``). If the build
+fails, :func:`use_compiled` answers False and the PyTorch reference is used; ``build_error()`` says why.
+``CTRECON_FORCE_REFERENCE=1`` forces the reference for ``backend="auto"``.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from ..geometry import VolumeGeometry
+
+SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "voxelize_cpu.cpp"
+_lock = threading.Lock()
+_state = {"tried": False, "module": None, "error": None}
+
+
+def _load():
+    with _lock:
+        if not _state["tried"]:
+            _state["tried"] = True
+            try:
+                from torch.utils.cpp_extension import load
+
+                _state["module"] = load(name="ctrecon_voxelize_cpu", sources=[str(SOURCE)],
+                                        extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                                        verbose=False)
+            except Exception as err:  # any build/load failure means: use the reference
+                _state["error"] = f"{type(err).__name__}: {err}"
+        return _state["module"]
+
+
+def build_error() -> str | None:
+    """Why the compiled kernel is unavailable (None if it loaded or was never tried)."""
+    return _state["error"]
+
+
+def available() -> bool:
+    """Build (once) and report whether the compiled CPU kernel can be used."""
+    return _load() is not None
+
+
+def use_compiled(backend: str, like: torch.Tensor) -> bool:
+    """Whether :func:`render.voxelize` should run the compiled kernel for tensors like ``like``."""
+    if backend not in ("auto", "reference", "cpu"):
+        raise InputError(f"unknown voxelize backend {backend!r} (use auto, reference or cpu)")
+    if backend == "reference":
+        return False
+    suitable = like.device.type == "cpu" and like.dtype in (torch.float32, torch.float64)
+    if backend == "cpu":
+        if not suitable:
+            raise InputError("the compiled CPU voxelizer needs float32/float64 CPU tensors")
+        if not available():
+            raise RuntimeError(f"the compiled CPU voxelizer could not be built: {build_error()}")
+        return True
+    if not suitable or os.environ.get("CTRECON_FORCE_REFERENCE") == "1":
+        return False
+    return available()
+
+
+def _grid_args(volume: VolumeGeometry, dtype):
+    from .render import _axis_tables
+
+    xs, ys, zs = (t.contiguous() for t in _axis_tables(volume, dtype, torch.device("cpu")))
+    return xs, ys, zs, float(volume.axis_centres(2)[0]), float(volume.dVoxel[2])
+
+
+class _CompiledVoxelize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, means, prec, intensities, lo, hi, volume, batch, k2):
+        module = _load()
+        xs, ys, zs, x0, dx = _grid_args(volume, means.dtype)
+        tensors = [t.contiguous() for t in (means, prec, intensities)]
+        lo, hi = lo.contiguous(), hi.contiguous()
+        ctx.save_for_backward(*tensors, lo, hi, xs, ys, zs)
+        ctx.args = (batch, x0, dx, k2)
+        return module.forward(*tensors, lo, hi, xs, ys, zs, batch, x0, dx, k2).reshape(-1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        means, prec, intensities, lo, hi, xs, ys, zs = ctx.saved_tensors
+        grad_means, grad_prec, grad_i = _load().backward(grad_out.contiguous(), means, prec, intensities, lo, hi,
+                                                         xs, ys, zs, *ctx.args)
+        needs = ctx.needs_input_grad
+        return (grad_means if needs[0] else None, grad_prec if needs[1] else None,
+                grad_i if needs[2] else None, None, None, None, None, None)
+
+
+def voxelize(means, prec, intensities, lo, hi, volume: VolumeGeometry, batch: int, k2: float) -> torch.Tensor:
+    """Flat ``[B·Z·Y·X]`` render with the compiled kernel (inputs as prepared by ``render.voxelize``)."""
+    return _CompiledVoxelize.apply(means, prec, intensities, lo, hi, volume, int(batch), float(k2))
