@@ -52,6 +52,185 @@ def cli():
     """
 
 
+def _case_name(scan, scan_path: str) -> str:
+    """Name of the imaged case for reports: meta "case", else the source volume's name, else the file's."""
+    from pathlib import Path
+
+    meta = scan.meta or {}
+    for key in ("case", "source", "source_volume"):
+        value = meta.get(key)
+        if isinstance(value, str) and value:
+            name = Path(value.rstrip("/")).name
+            for suffix in (".nii.gz", ".nii", ".npz", ".npy"):
+                if name.endswith(suffix):
+                    return name[: -len(suffix)]
+            return name
+    return Path(scan_path).stem
+
+
+def _write_run(out: str, result, scan, extra: dict) -> None:
+    """RUN/volume.nii.gz (HU), gaussians.npz, config.json, curves.png, then metrics.json (each atomic)."""
+    from .io import save_volume, write_json
+    from .report import plot_run_curves
+    from .simulate import unit_to_hu
+
+    os.makedirs(out, exist_ok=True)
+    grid = scan.geometry.volume
+    corner = grid.voxel_centres()[0, 0, 0]  # (x, y, z) of voxel [0, 0, 0]
+    save_volume(os.path.join(out, "volume.nii.gz"), unit_to_hu(result.volume.numpy()), grid.dVoxel, tuple(corner))
+    result.field.save(os.path.join(out, "gaussians.npz"))
+    write_json(os.path.join(out, "config.json"), {"init": result.init, **extra, "config": result.config.to_dict()})
+    metrics = {**result.to_metrics(), "views": extra["views"], "case": extra["case"]}
+    plot_run_curves(metrics, os.path.join(out, "curves.png"))
+    write_json(os.path.join(out, "metrics.json"), metrics)
+
+
+@cli.command()
+@click.argument("scan_path", metavar="SCAN", type=click.Path(dir_okay=False))
+@click.option("--init", "init", default="fbp", show_default=True,
+              help="Initialiser: fbp (3DGR-CT), r2 (R²-Gaussian) or a registered prior name.")
+@click.option("--init-gaussians", type=click.Path(dir_okay=False), default=None,
+              help="Start from this Gaussian file (e.g. from `ctrecon infer`) instead; --init names it.")
+@click.option("--iters", type=int, default=None, help="Iterations [default: 15000].")
+@click.option("--views-per-iter", type=int, default=None, help="Random views per iteration (0: all) [default: 0].")
+@click.option("--eval-every", type=int, default=None, help="Evaluate every E iterations [default: 100].")
+@click.option("--n-gaussians", type=int, default=None, help="Initial Gaussian count [default: 50000].")
+@click.option("--max-gaussians", type=int, default=None, help="Cap for densification [default: 200000].")
+@click.option("--loss", type=click.Choice(["mse", "l1"]), default=None, help="Projection loss [default: mse].")
+@click.option("--dssim", type=float, default=None, help="Weight of D-SSIM over projections [default: 0].")
+@click.option("--tv", type=float, default=None, help="Weight of 3-D TV of the volume [default: 0].")
+@click.option("--coarse-iters", type=int, default=None,
+              help="First iterations at half resolution (3DGR-CT low-res stage) [default: 0].")
+@click.option("--no-densify", is_flag=True, help="Keep the Gaussian count fixed (no clone/split/prune).")
+@click.option("--stop-at-psnr", type=float, default=None, help="Stop once PSNR reaches this (dB).")
+@click.option("--stop-at-thresholds", is_flag=True, help="Stop once PSNR 35 dB and SSIM 0.90 are both reached.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="JSON file of ReconstructConfig settings (a run's config.json works); options above override.")
+@click.option("--case", default=None, help="Case name recorded for reports [default: from the scan].")
+@click.option("--out", required=True, type=click.Path(), help="Run folder to write.")
+@common_options
+def reconstruct(scan_path, init, init_gaussians, iters, views_per_iter, eval_every, n_gaussians, max_gaussians,
+                loss, dssim, tv, coarse_iters, no_densify, stop_at_psnr, stop_at_thresholds, config_path, case,
+                out, device, seed):
+    """3DGR-CT: optimise Gaussians against the projections of SCAN (a scan .npz).
+
+    Writes OUT/volume.nii.gz (HU), OUT/gaussians.npz, OUT/config.json, OUT/curves.png and
+    OUT/metrics.json (PSNR/SSIM history against the scan's ground truth, iterations and seconds
+    to PSNR 35 dB and SSIM 0.90, evaluation time excluded). Ctrl-C stops and writes what was
+    reached (metrics.json says "interrupted": true).
+
+    \b
+    Examples:
+      ctrecon reconstruct scan.npz --init fbp --iters 15000 --out run/
+      ctrecon reconstruct scan.npz --iters 3000 --views-per-iter 10 --stop-at-psnr 35 --out run_fast/
+    """
+    import json
+
+    from tqdm import tqdm
+
+    from .gaussians import GaussianField, available_initializers, get_initializer
+    from .io import load_scan
+    from .reconstruct import NonFiniteLossError, ReconstructConfig
+    from .reconstruct import reconstruct as run_reconstruct
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"--out {out} exists and is not a folder")
+    settings = {}
+    if config_path is not None:
+        try:
+            with open(config_path, encoding="utf-8") as handle:
+                settings = json.load(handle)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InputError(f"cannot read --config {config_path}: {err}") from None
+        if not isinstance(settings, dict):
+            raise InputError(f"--config {config_path} must hold a JSON object")
+        settings = settings.get("config", settings)  # a run's config.json nests the settings
+    overrides = {"iterations": iters, "views_per_iter": views_per_iter, "eval_every": eval_every,
+                 "n_gaussians": n_gaussians, "max_gaussians": max_gaussians, "loss": loss, "lambda_dssim": dssim,
+                 "lambda_tv": tv, "coarse_iterations": coarse_iters, "stop_at_psnr": stop_at_psnr}
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    if no_densify:
+        settings["densify"] = False
+    if stop_at_thresholds:
+        settings["stop_at_thresholds"] = True
+    config = ReconstructConfig.from_dict(settings)
+    init_field = None
+    if init_gaussians is not None:
+        init_field = GaussianField.load(init_gaussians)
+    elif init not in available_initializers():
+        try:  # priors register their initialisers on import
+            import priors  # noqa: F401
+        except ImportError:
+            pass
+        get_initializer(init)  # InputError listing the known names
+    scan = load_scan(scan_path)
+    if scan.ground_truth is None:
+        click.echo("note: the scan has no ground truth; PSNR/SSIM and thresholds are not computed", err=True)
+    extra = {"scan": os.path.abspath(scan_path), "case": case or _case_name(scan, scan_path),
+             "views": scan.geometry.n_angles, "seed": seed, "device": str(device),
+             "init_gaussians": init_gaussians, "geometry": scan.geometry.to_dict(include_angles=False)}
+
+    bar = tqdm(total=config.iterations, desc=f"3DGR-CT ({init})", unit="it", dynamic_ncols=True)
+    postfix = {}
+
+    def progress(p):
+        if p.iteration:
+            bar.update(1)
+        if p.evaluation is not None and p.evaluation["psnr"] is not None:
+            postfix.update(psnr=f"{p.evaluation['psnr']:.2f}", ssim=f"{p.evaluation['ssim_slice']:.3f}")
+        if p.loss is not None:
+            postfix.update(loss=f"{p.loss:.2e}", N=p.n_gaussians)
+            bar.set_postfix(postfix, refresh=False)
+
+    failure = None
+    try:
+        result = run_reconstruct(scan, init=init, config=config, device=device, seed=seed, callback=progress,
+                                 init_field=init_field)
+    except NonFiniteLossError as err:
+        failure, result = err, err.result
+    finally:
+        bar.close()
+    _write_run(out, result, scan, extra)
+    final = result.final or {}
+    summary = [f"{result.init}: {result.iterations} iterations in {result.wall_seconds:.1f} s "
+               f"(+{result.eval_seconds:.1f} s evaluation), {result.n_gaussians} Gaussians"]
+    if final:
+        summary.append(f"final PSNR {final['psnr']:.2f} dB, SSIM {final['ssim_slice']:.4f} (axial slices), "
+                       f"{final['ssim3d']:.4f} (3-D)")
+        for key, label in (("psnr35", f"PSNR {config.psnr_threshold:g} dB"),
+                           ("ssim90", f"SSIM {config.ssim_threshold:g}")):
+            hit = result.thresholds[key]
+            summary.append(f"{label}: " + ("not reached" if hit is None else
+                                           f"iteration {hit['iteration']}, {hit['seconds']:.1f} s"))
+    summary.append(f"wrote {out}/ (volume.nii.gz, gaussians.npz, config.json, curves.png, metrics.json)")
+    click.echo("\n".join(summary))
+    if failure is not None:
+        raise click.ClickException(str(failure))
+    if result.interrupted:
+        _fail(f"interrupted after {result.iterations} iterations; results so far are in {out}/", 130)
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Report folder to write.")
+@common_options
+def report(runs, out, device, seed):
+    """Compare reconstruction runs: a Table-4-style summary, curves and paired t-tests.
+
+    Groups RUN folders (written by `ctrecon reconstruct`) by initialisation and view count and
+    writes OUT/report.md, OUT/table.csv, OUT/curves.png and OUT/stats.json.
+
+    \b
+    Example:
+      ctrecon report runs/fbp_* runs/medgmae_* --out report/
+    """
+    from .report import build_report
+
+    result = build_report(runs, out)
+    click.echo(result["markdown_table"])
+    click.echo(f"\nwrote {out}/ (report.md, table.csv, curves.png, stats.json)")
+
+
 def main(argv=None):
     """Console entry point: maps bad input to exit code 2 with a one-line message."""
     try:

@@ -1,0 +1,250 @@
+"""The 3DGR-CT loop on a tiny ellipsoid phantom: convergence, view sampling, density control, guards, CLI."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ctrecon import reconstruct as recon_module
+from ctrecon.errors import InputError
+from ctrecon.geometry import ConeBeamGeometry, VolumeGeometry
+from ctrecon.io import Scan, save_scan
+from ctrecon.phantoms import Ellipsoid, ellipsoid_volume
+from ctrecon.projector import Projector
+from ctrecon.reconstruct import (NonFiniteLossError, ReconstructConfig, _ViewCycle, coarse_lattice, position_lr,
+                                 projection_ssim, reconstruct, total_variation)
+
+N_VOXELS = 16
+N_VIEWS = 30
+
+
+@pytest.fixture(scope="module")
+def scan():
+    """16³ grid of 2 mm voxels, three ellipsoids, 30 cone-beam views projected by the project's projector."""
+    grid = VolumeGeometry((N_VOXELS,) * 3, (2.0, 2.0, 2.0))
+    geometry = ConeBeamGeometry.covering(grid, n_views=N_VIEWS)
+    phantom = [Ellipsoid((0.0, 0.0, 0.0), (11.0, 9.0, 10.0), 0.25),
+               Ellipsoid((3.0, 2.0, 1.0), (4.0, 3.0, 4.5), 0.2),
+               Ellipsoid((-4.0, -3.0, -2.0), (2.5, 3.0, 2.5), -0.1)]
+    truth = ellipsoid_volume(phantom, grid)
+    projections = Projector(geometry)(torch.as_tensor(truth)).numpy()
+    return Scan(projections, geometry.angles, geometry, truth, {"case": "ellipsoids"})
+
+
+def small_config(**changes):
+    settings = dict(iterations=60, n_gaussians=500, max_gaussians=1000, eval_every=20, densify=False)
+    settings.update(changes)
+    return ReconstructConfig(**settings)
+
+
+def test_loop_lowers_loss_and_beats_the_fbp_initialisation(scan):
+    result = reconstruct(scan, init="fbp", config=small_config(iterations=120), seed=0)
+    history = result.history
+    assert [h["iteration"] for h in history] == list(range(0, 121, 20))
+    assert history[0]["loss"] is None and history[1]["loss"] > 0
+    assert history[-1]["loss"] < history[1]["loss"] / 5
+    assert result.final["psnr"] == history[-1]["psnr"]
+    assert result.final["psnr"] > history[0]["psnr"] + 3.0  # well above the FBP initialisation
+    assert result.iterations == 120 and not result.interrupted and result.stop_reason == "completed"
+    assert set(result.timing) == {"render", "project", "backward", "densify"}
+    assert result.wall_seconds >= sum(result.timing.values()) * 0.99 and result.eval_seconds > 0
+    assert all(h2["seconds"] >= h1["seconds"] for h1, h2 in zip(history, history[1:]))
+    assert tuple(result.volume.shape) == (N_VOXELS,) * 3 and result.volume.dtype == torch.float32
+    assert set(result.thresholds) == {"psnr35", "ssim90"}
+    for key, metric, value in (("psnr35", "psnr", 35.0), ("ssim90", "ssim_slice", 0.90)):
+        first = next((h for h in history if h[metric] >= value), None)
+        assert result.thresholds[key] == (None if first is None else
+                                          {"iteration": first["iteration"], "seconds": first["seconds"]})
+
+
+def test_random_views_are_seeded_and_cover_every_view(scan):
+    cycle = _ViewCycle(N_VIEWS, 7, torch.Generator().manual_seed(3))
+    drawn = torch.cat([cycle.next() for _ in range(30)])  # 210 = 7 epochs of 30 views
+    assert torch.equal(torch.bincount(drawn, minlength=N_VIEWS), torch.full((N_VIEWS,), 7))
+    config = small_config(iterations=30, views_per_iter=5, eval_every=10, n_gaussians=300)
+    first = reconstruct(scan, config=config, seed=1)
+    again = reconstruct(scan, config=config, seed=1)
+    assert first.history[-1]["loss"] < first.history[1]["loss"]
+    assert [h["loss"] for h in first.history] == [h["loss"] for h in again.history]  # deterministic on CPU
+    assert torch.equal(first.volume, again.volume)
+    with pytest.raises(InputError, match="views_per_iter"):
+        reconstruct(scan, config=small_config(views_per_iter=N_VIEWS + 1), seed=0)
+
+
+def test_densify_and_prune_change_the_count_within_the_cap(scan):
+    counts = []
+    config = small_config(iterations=50, n_gaussians=200, max_gaussians=240, densify=True, densify_from=10,
+                          densify_until=45, densify_every=10, eval_every=25, densify_grad_quantile=0.8)
+    result = reconstruct(scan, config=config, seed=0, callback=lambda p: counts.append(p.n_gaussians))
+    assert counts[0] == 200
+    assert len(set(counts)) > 1  # densification acted
+    assert max(counts) <= 240 and result.n_gaussians == counts[-1] == len(result.field)
+    changes = [i for i in range(1, len(counts)) if counts[i] != counts[i - 1]]
+    assert set(changes) <= {10, 20, 30, 40}  # callback index == iteration: only on densification steps
+
+
+def test_non_finite_loss_keeps_the_last_good_state(scan):
+    config = small_config(iterations=20, n_gaussians=200)
+
+    def poison(volume, iteration):
+        return volume.sum() * (math.nan if iteration == 5 else 0.0)
+
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at iteration 5") as info:
+        reconstruct(scan, config=config, seed=2, regularizer=poison)
+    error = info.value
+    assert error.iteration == 5 and error.result.iterations == 3  # the state rendered at iteration 4
+    assert error.result.stop_reason == "non-finite loss at iteration 5"
+    assert torch.isfinite(error.result.volume).all() and error.result.final["psnr"] > 0
+    reference = reconstruct(scan, config=small_config(iterations=3, n_gaussians=200), seed=2)
+    for name, param in error.result.field.raw_parameters().items():
+        assert torch.equal(param, reference.field.raw_parameters()[name]), name
+
+
+def test_keyboard_interrupt_returns_what_was_reached(scan):
+    def interrupt(progress):
+        if progress.iteration == 7:
+            raise KeyboardInterrupt
+
+    result = reconstruct(scan, config=small_config(iterations=40, eval_every=5, n_gaussians=200), callback=interrupt)
+    assert result.interrupted and result.stop_reason == "interrupted" and result.iterations == 7
+    assert [h["iteration"] for h in result.history] == [0, 5, 7]  # the reached state is evaluated
+    assert result.to_metrics()["interrupted"] is True
+
+
+def test_early_stop_and_coarse_stage(scan):
+    result = reconstruct(scan, config=small_config(iterations=200, stop_at_psnr=0.0, eval_every=10), seed=0)
+    assert result.iterations == 0 and result.stop_reason == "psnr target"
+    coarse = reconstruct(scan, config=small_config(iterations=24, coarse_iterations=16, eval_every=8,
+                                                   n_gaussians=300), seed=0)
+    assert coarse.history[-1]["loss"] < coarse.history[1]["loss"]
+
+
+@pytest.mark.parametrize("shape", [(16, 16, 16), (5, 6, 7), (1, 4, 3)])
+def test_coarse_lattice_centres_are_the_subsampled_voxel_centres(shape):
+    grid = VolumeGeometry(shape, (1.5, 2.0, 0.7), (3.0, -1.0, 0.5))
+    centres = grid.voxel_centres()
+    for offset in np.ndindex(2, 2, 2):
+        sub = coarse_lattice(grid, offset)
+        start = [a if a < n else 0 for a, n in zip(offset, shape)]
+        expected = centres[start[0]::2, start[1]::2, start[2]::2]
+        np.testing.assert_allclose(sub.voxel_centres(), expected, atol=1e-9)
+
+
+def test_position_lr_schedule_and_config_validation():
+    config = ReconstructConfig()
+    assert position_lr(0, config, 100.0) == pytest.approx(2e-3 * 100.0)
+    assert position_lr(30_000, config, 100.0) == pytest.approx(2e-6 * 100.0)
+    assert position_lr(60_000, config, 100.0) == pytest.approx(2e-6 * 100.0)
+    assert position_lr(15_000, config, 1.0) == pytest.approx(math.sqrt(2e-3 * 2e-6))
+    assert ReconstructConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    for bad, message in (({"iterations": 0}, "iterations"), ({"loss": "l3"}, "unknown loss"),
+                         ({"max_gaussians": 10, "n_gaussians": 20}, "max_gaussians"), ({"nope": 1}, "unknown")):
+        with pytest.raises(InputError, match=message):
+            ReconstructConfig.from_dict(bad)
+
+
+def test_loss_terms_against_independent_formulas():
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(0)
+    a = rng.random((3, 20, 24))
+    b = np.clip(a + 0.1 * rng.standard_normal(a.shape), 0, 1)
+    expected = np.mean([structural_similarity(a[i], b[i], gaussian_weights=True, sigma=1.5, data_range=1.0,
+                                              use_sample_covariance=False) for i in range(3)])
+    assert float(projection_ssim(torch.as_tensor(a), torch.as_tensor(b))) == pytest.approx(expected, rel=1e-6)
+    assert float(projection_ssim(torch.as_tensor(a), torch.as_tensor(a))) == pytest.approx(1.0)
+    volume = rng.random((4, 5, 6))
+    expected_tv = sum(np.abs(np.diff(volume, axis=axis)).mean() for axis in range(3))
+    assert float(total_variation(torch.as_tensor(volume))) == pytest.approx(expected_tv)
+
+
+# ----------------------------------------------------------------------------- CLI
+REQUIRED_KEYS = {"init", "iterations", "wall_seconds", "eval_seconds", "n_gaussians", "final", "thresholds", "history"}
+
+
+def run_cli(*args):
+    from ctrecon.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in args])
+    return info.value.code
+
+
+@pytest.fixture(scope="module")
+def scan_file(scan, tmp_path_factory):
+    path = tmp_path_factory.mktemp("scan") / "phantom.npz"
+    save_scan(path, scan)
+    return path
+
+
+def test_cli_writes_every_file_with_the_metrics_contract(scan_file, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli("reconstruct", scan_file, "--iters", 20, "--eval-every", 10, "--n-gaussians", 200,
+                   "--max-gaussians", 400, "--views-per-iter", 10, "--out", out) == 0
+    assert sorted(os.listdir(out)) == ["config.json", "curves.png", "gaussians.npz", "metrics.json", "volume.nii.gz"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert REQUIRED_KEYS <= set(metrics)
+    assert metrics["init"] == "fbp" and metrics["iterations"] == 20 and metrics["interrupted"] is False
+    assert set(metrics["final"]) == {"psnr", "ssim3d", "ssim_slice"}
+    assert set(metrics["thresholds"]) == {"psnr35", "ssim90"}
+    for entry in metrics["thresholds"].values():
+        assert entry is None or set(entry) == {"iteration", "seconds"}
+    assert [h["iteration"] for h in metrics["history"]] == [0, 10, 20]
+    for record in metrics["history"]:
+        assert set(record) == {"iteration", "seconds", "loss", "psnr", "ssim3d", "ssim_slice", "n_gaussians"}
+    assert metrics["views"] == N_VIEWS and metrics["case"] == "ellipsoids"
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["views_per_iter"] == 10 and config["config"]["iterations"] == 20
+
+    from ctrecon.gaussians import GaussianField
+    from ctrecon.io import load_volume
+
+    volume_hu, spacing = load_volume(out / "volume.nii.gz")
+    assert volume_hu.shape == (N_VOXELS,) * 3 and spacing == pytest.approx((2.0, 2.0, 2.0))
+    assert len(GaussianField.load(str(out / "gaussians.npz"))) == metrics["n_gaussians"]
+    # the config.json of a run reproduces it
+    again = tmp_path / "again"
+    assert run_cli("reconstruct", scan_file, "--config", out / "config.json", "--out", again) == 0
+    assert json.loads((again / "metrics.json").read_text())["history"][-1]["loss"] == metrics["history"][-1]["loss"]
+
+
+def test_cli_ctrl_c_writes_what_was_reached(scan_file, tmp_path, monkeypatch, capsys):
+    original = recon_module.reconstruct
+
+    def interrupted_at_5(*args, callback=None, **kwargs):
+        def hook(progress):
+            callback(progress)
+            if progress.iteration == 5:
+                raise KeyboardInterrupt
+
+        return original(*args, callback=hook, **kwargs)
+
+    monkeypatch.setattr(recon_module, "reconstruct", interrupted_at_5)
+    out = tmp_path / "run"
+    assert run_cli("reconstruct", scan_file, "--iters", 50, "--eval-every", 20, "--n-gaussians", 200,
+                   "--out", out) == 130
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["interrupted"] is True and metrics["iterations"] == 5
+    assert [h["iteration"] for h in metrics["history"]] == [0, 5]
+    assert (out / "volume.nii.gz").exists() and (out / "gaussians.npz").exists()
+    assert "interrupted after 5 iterations" in capsys.readouterr().err
+
+
+def test_cli_bad_input_is_one_line_and_writes_nothing(scan_file, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"not a zip file")
+    existing_file = tmp_path / "taken"
+    existing_file.write_text("x")
+    cases = [(tmp_path / "missing.npz", ["--out", tmp_path / "r1"]),
+             (corrupt, ["--out", tmp_path / "r2"]),
+             (scan_file, ["--init", "nonsense", "--out", tmp_path / "r3"]),
+             (scan_file, ["--iters", 0, "--out", tmp_path / "r4"]),
+             (scan_file, ["--out", existing_file])]
+    for scan_path, options in cases:
+        capsys.readouterr()
+        assert run_cli("reconstruct", scan_path, *options) == 2, options
+        err = capsys.readouterr().err
+        assert err.startswith("ctrecon: error: ") and err.count("\n") == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["corrupt.npz", "taken"]

@@ -1,0 +1,171 @@
+"""Report on synthetic runs: group statistics, never-reached thresholds, paired t-tests, files, CLI."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from ctrecon.errors import InputError
+from ctrecon.report import build_report, load_run
+
+CASES = ("case_a", "case_b", "case_c")
+
+
+def _history(final_psnr, iterations, seed):
+    rng = np.random.default_rng(seed)
+    its = np.arange(0, iterations + 1, 50)
+    psnr = 20.0 + (final_psnr - 20.0) * (1 - np.exp(-its / 150.0))
+    return [{"iteration": int(i), "seconds": float(i) * 0.1, "loss": None if i == 0 else float(rng.uniform(0.1, 1)),
+             "psnr": float(p), "ssim3d": float(p) / 40.0, "ssim_slice": float(p) / 39.0, "n_gaussians": 100}
+            for i, p in zip(its, psnr)]
+
+
+def _write_run(root, name, *, init, views, case, wall, psnr35, ssim90, final_psnr, iterations=400, seed=0,
+               views_in_config=False):
+    run = root / name
+    run.mkdir()
+    threshold = lambda it: {"iteration": it, "seconds": None if it is None else it * 0.1}  # noqa: E731
+    metrics = {"init": init, "iterations": iterations, "wall_seconds": wall, "eval_seconds": 1.0,
+               "n_gaussians": 100, "final": {"psnr": final_psnr, "ssim3d": final_psnr / 40.0,
+                                             "ssim_slice": final_psnr / 39.0},
+               "thresholds": {"psnr35": threshold(psnr35), "ssim90": threshold(ssim90)},
+               "history": _history(final_psnr, iterations, seed), "ssim_threshold_metric": "ssim_slice"}
+    config = {"init": init}
+    if views_in_config:  # the report falls back to config.json for views and case
+        config.update(views=views, case=case)
+    else:
+        metrics.update(views=views, case=case)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    (run / "config.json").write_text(json.dumps(config))
+    return str(run), metrics
+
+
+@pytest.fixture()
+def synthetic_runs(tmp_path):
+    """fbp and r2 runs on three cases at 60 and 120 views; one fbp/60 run never reaches 35 dB."""
+    rng = np.random.default_rng(1)
+    runs = {}
+    for views in (60, 120):
+        for c, case in enumerate(CASES):
+            for init, base in (("fbp", 300), ("r2", 200)):
+                psnr35 = int(base + rng.integers(0, 100)) if not (init == "fbp" and views == 60 and c == 2) else None
+                path, metrics = _write_run(
+                    tmp_path, f"{init}_{views}_{case}", init=init, views=views, case=case,
+                    wall=float(rng.uniform(10, 20)), psnr35=psnr35, ssim90=None if init == "fbp" else psnr35,
+                    final_psnr=float(rng.uniform(34, 38)), seed=c, views_in_config=(c == 0))
+                runs[(init, views, case)] = (path, metrics)
+    return runs
+
+
+def test_group_statistics_and_never_reached(synthetic_runs, tmp_path):
+    out = tmp_path / "report"
+    result = build_report([p for p, _ in synthetic_runs.values()], str(out))
+    rows = {(r["init"], r["views"]): r for r in result["groups"]}
+    assert list(rows) == [("fbp", 60), ("r2", 60), ("fbp", 120), ("r2", 120)]
+    for (init, views), row in rows.items():
+        members = [m for (i, v, _), (_, m) in synthetic_runs.items() if (i, v) == (init, views)]
+        walls = [m["wall_seconds"] for m in members]
+        assert row["n_runs"] == 3
+        assert row["wall_seconds_mean"] == pytest.approx(np.mean(walls))
+        assert row["wall_seconds_std"] == pytest.approx(np.std(walls, ddof=1))
+        reached = [m["thresholds"]["psnr35"]["iteration"] for m in members
+                   if m["thresholds"]["psnr35"]["iteration"] is not None]
+        assert row["psnr35_reached"] == len(reached)
+        assert row["psnr35_iteration_mean"] == pytest.approx(np.mean(reached))
+        assert row["psnr35_seconds_mean"] == pytest.approx(np.mean(reached) * 0.1)
+        finals = [m["final"]["psnr"] for m in members]
+        assert row["final_psnr_std"] == pytest.approx(np.std(finals, ddof=1))
+    assert rows[("fbp", 60)]["psnr35_reached"] == 2
+    assert rows[("fbp", 120)]["ssim90_reached"] == 0 and rows[("fbp", 120)]["ssim90_iteration_mean"] is None
+
+    table = result["markdown_table"]
+    fbp60 = next(line for line in table.splitlines() if line.startswith("| fbp | 60 |"))
+    assert "not reached (1/3)" in fbp60 and "not reached (3/3)" in fbp60
+    for name in ("report.md", "table.csv", "curves.png", "stats.json"):
+        assert (out / name).stat().st_size > 0
+    with open(out / "table.csv", newline="") as handle:
+        csv_rows = list(csv.DictReader(handle))
+    assert len(csv_rows) == 4 and csv_rows[0]["init"] == "fbp" and csv_rows[0]["psnr35_reached"] == "2"
+    assert csv_rows[0]["ssim90_iteration_mean"] == ""  # never reached: empty, not zero
+    saved = json.loads((out / "stats.json").read_text())
+    assert saved["groups"] == result["groups"] and saved["tests"] == result["tests"]
+
+
+def test_paired_t_tests_match_scipy(synthetic_runs, tmp_path):
+    result = build_report([p for p, _ in synthetic_runs.values()], str(tmp_path / "report"))
+    tests = {(t["quantity"], t["views"]): t for t in result["tests"]}
+    assert set(tests) == {(q, v) for q in ("psnr35_iteration", "final_psnr") for v in ("all", 60, 120)}
+
+    def values(init, quantity, views):
+        out = []
+        for case in CASES:
+            for v in views:
+                m = synthetic_runs[(init, v, case)][1]
+                out.append(m["thresholds"]["psnr35"]["iteration"] if quantity == "psnr35_iteration"
+                           else m["final"]["psnr"])
+        return out
+
+    for quantity in ("psnr35_iteration", "final_psnr"):
+        for scope, views in (("all", (60, 120)), (60, (60,)), (120, (120,))):
+            a, b = values("fbp", quantity, views), values("r2", quantity, views)
+            keep = [i for i in range(len(a)) if a[i] is not None and b[i] is not None]
+            expected = stats.ttest_rel([a[i] for i in keep], [b[i] for i in keep])
+            test = tests[(quantity, scope)]
+            assert (test["init_a"], test["init_b"]) == ("fbp", "r2")
+            assert test["n"] == len(keep)
+            assert test["t"] == pytest.approx(expected.statistic)
+            assert test["p"] == pytest.approx(expected.pvalue)
+            assert ("left out" in test["note"]) == (len(keep) < len(a))
+
+
+def test_too_few_pairs_skip_with_note_and_seeds_are_averaged(tmp_path):
+    paths = [_write_run(tmp_path, "fbp_s0", init="fbp", views=80, case="x", wall=5, psnr35=100, ssim90=None,
+                        final_psnr=36.0)[0],
+             _write_run(tmp_path, "fbp_s1", init="fbp", views=80, case="x", wall=7, psnr35=200, ssim90=None,
+                        final_psnr=37.0)[0],
+             _write_run(tmp_path, "r2_s0", init="r2", views=80, case="x", wall=6, psnr35=None, ssim90=None,
+                        final_psnr=35.5)[0]]
+    result = build_report(paths, str(tmp_path / "out"))
+    final = next(t for t in result["tests"] if t["quantity"] == "final_psnr")
+    assert final["n"] == 1 and final["t"] is None and "fewer than 2" in final["note"]
+    assert final["mean_a"] == pytest.approx(36.5)  # two seeds of the same (case, views, init) averaged
+    iters = next(t for t in result["tests"] if t["quantity"] == "psnr35_iteration")
+    assert iters["n"] == 0 and "left out" in iters["note"]
+    r2 = next(r for r in result["groups"] if r["init"] == "r2")
+    assert r2["psnr35_reached"] == 0 and r2["wall_seconds_std"] is None
+    assert "| r2 | 80 | 1 | 6.0 | not reached (1/1) |" in result["markdown_table"]
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(InputError, match="run folder not found"):
+        load_run(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="metrics file not found"):
+        load_run(str(tmp_path / "empty"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "metrics.json").write_text("{not json")
+    with pytest.raises(InputError, match="cannot read"):
+        load_run(str(tmp_path / "broken"))
+    path = _write_run(tmp_path, "ok", init="fbp", views=80, case="x", wall=5, psnr35=1, ssim90=1, final_psnr=36.0)[0]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="not a folder"):
+        build_report([path], str(tmp_path / "file"))
+
+
+def test_cli_report(tmp_path):
+    from ctrecon.cli import main
+
+    paths = [_write_run(tmp_path, f"run{i}", init=init, views=80, case=f"c{i % 2}", wall=5.0 + i, psnr35=100 + i,
+                        ssim90=50, final_psnr=35.0 + i)[0] for i, init in enumerate(("fbp", "fbp", "r2", "r2"))]
+    out = tmp_path / "rep"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", *paths, "--out", str(out)])
+    assert exit_info.value.code == 0
+    assert sorted(os.listdir(out)) == ["curves.png", "report.md", "stats.json", "table.csv"]
+    tests = json.loads((out / "stats.json").read_text())["tests"]
+    assert tests and all(t["n"] == 2 and t["t"] is None and "every paired difference" in t["note"] for t in tests)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path / "nope"), "--out", str(out)])
+    assert exit_info.value.code == 2
