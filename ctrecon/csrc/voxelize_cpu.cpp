@@ -2,6 +2,9 @@
 // ctrecon/gaussians/render.py, whose docstring defines the semantics (q order, q <= k^2 inclusive,
 // voxel centres from float64 tables rounded to the working dtype, boxes computed by the caller).
 //
+// Inputs must be sorted by box start (lo_z, lo_y, lo_x) within each batch item (ctrecon/gaussians/_cpu.py
+// does it): the forward finds each slice's Gaussians by binary search, and neighbouring Gaussians touch
+// neighbouring memory (the backward is bound by cache misses on the upstream gradient otherwise).
 // forward : out[b, z, y, x] = sum_g I_g exp(-q/2) [q <= k2], parallel over (b, z) slices, each slice
 //           owned by one thread (no atomics, deterministic Gaussian order).
 // backward: per-Gaussian sums over its box, parallel over Gaussians (no atomics); accumulates in double.
@@ -39,8 +42,11 @@ inline void row_interval(scalar_t pxx, scalar_t b, scalar_t c, double k2, double
   const double half = std::sqrt(std::max(0.0, (k2 - min_q) / a));
   const double centre = mx - bb / a;
   const double f0 = (centre - half - g.x0) / g.dx, f1 = (centre + half - g.x0) / g.dx;
-  i0 = std::max<int64_t>(lo, static_cast<int64_t>(std::ceil(f0)) - 1);
-  i1 = std::min<int64_t>(hi, static_cast<int64_t>(std::floor(f1)) + 1);
+  // Truncation towards zero then one more voxel each side covers ceil/floor (|f| stays within the grid
+  // plus the box, so the casts cannot overflow after clamping).
+  const double lim = static_cast<double>(g.X) + 2.0;
+  i0 = std::max<int64_t>(lo, static_cast<int64_t>(std::max(-lim, std::min(lim, f0))) - 2);
+  i1 = std::min<int64_t>(hi, static_cast<int64_t>(std::max(-lim, std::min(lim, f1))) + 2);
 }
 
 template <typename scalar_t>
@@ -48,30 +54,47 @@ void forward_kernel(const scalar_t* means, const scalar_t* prec, const scalar_t*
                     const int64_t* hi, const scalar_t* xs, const scalar_t* ys, const scalar_t* zs, int64_t B,
                     int64_t N, const Grid grid, double k2, scalar_t* out) {
   const scalar_t k2s = static_cast<scalar_t>(k2);
+  // Gaussians come sorted by box start (lo_z, lo_y, lo_x) within each item: a slice only scans the
+  // window lo_z in [z - depth, z], found by binary search.
+  std::vector<int64_t> depth(B, 0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t gi = b * N + n;
+      depth[b] = std::max(depth[b], hi[3 * gi + 2] - lo[3 * gi + 2]);
+    }
+  auto first_with_lo_z = [&](int64_t b, int64_t z) {  // first n of item b with lo_z >= z
+    int64_t a = 0, e = N;
+    while (a < e) {
+      const int64_t mid = (a + e) / 2;
+      if (lo[3 * (b * N + mid) + 2] < z) a = mid + 1; else e = mid;
+    }
+    return a;
+  };
   const int64_t tasks = B * grid.Z;
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t b = task / grid.Z, z = task % grid.Z;
     scalar_t* slice = out + task * grid.Y * grid.X;
-    for (int64_t n = 0; n < N; ++n) {
+    const int64_t n_end = first_with_lo_z(b, z + 1);
+    for (int64_t n = first_with_lo_z(b, z - depth[b]); n < n_end; ++n) {
       const int64_t gi = b * N + n;
       const int64_t* l = lo + 3 * gi;
       const int64_t* h = hi + 3 * gi;
-      if (z < l[2] || z > h[2] || l[0] > h[0] || l[1] > h[1]) continue;
-      const scalar_t* m = means + 3 * gi;
+      if (z > h[2] || l[0] > h[0] || l[1] > h[1]) continue;
+      const scalar_t mx = means[3 * gi], my = means[3 * gi + 1], mz = means[3 * gi + 2];
       const scalar_t* p = prec + 6 * gi;
       const scalar_t pxx = p[0], pxy = p[1], pxz = p[2], pyy = p[3], pyz = p[4], pzz = p[5];
       const scalar_t inten = intens[gi];
-      const scalar_t dz = zs[z] - m[2];
+      const scalar_t dz = zs[z] - mz;
       for (int64_t y = l[1]; y <= h[1]; ++y) {
-        const scalar_t dy = ys[y] - m[1];
+        const scalar_t dy = ys[y] - my;
         const scalar_t bterm = pxy * dy + pxz * dz;
         const scalar_t cterm = dy * (pyy * dy + scalar_t(2) * pyz * dz) + pzz * dz * dz;
         int64_t i0, i1;
-        row_interval(pxx, bterm, cterm, k2, static_cast<double>(m[0]), grid, l[0], h[0], i0, i1);
+        row_interval(pxx, bterm, cterm, k2, static_cast<double>(mx), grid, l[0], h[0], i0, i1);
         scalar_t* row = slice + y * grid.X;
         for (int64_t i = i0; i <= i1; ++i) {
-          const scalar_t dx = xs[i] - m[0];
+          const scalar_t dx = xs[i] - mx;
           const scalar_t q = dx * (pxx * dx + scalar_t(2) * bterm) + cterm;
           if (q <= k2s) row[i] += inten * std::exp(scalar_t(-0.5) * q);
         }
@@ -93,24 +116,24 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* means, const scal
     const int64_t* l = lo + 3 * gi;
     const int64_t* h = hi + 3 * gi;
     double acc_i = 0, acc_m[3] = {0, 0, 0}, acc_p[6] = {0, 0, 0, 0, 0, 0};
-    const scalar_t* m = means + 3 * gi;
+    const scalar_t mx = means[3 * gi], my = means[3 * gi + 1], mz = means[3 * gi + 2];
     const scalar_t* p = prec + 6 * gi;
     const scalar_t pxx = p[0], pxy = p[1], pxz = p[2], pyy = p[3], pyz = p[4], pzz = p[5];
     const scalar_t* item = grad_out + b * grid.Z * grid.Y * grid.X;
     if (l[0] <= h[0] && l[1] <= h[1]) {
       for (int64_t z = l[2]; z <= h[2]; ++z) {
-        const scalar_t dz = zs[z] - m[2];
+        const scalar_t dz = zs[z] - mz;
         for (int64_t y = l[1]; y <= h[1]; ++y) {
-          const scalar_t dy = ys[y] - m[1];
+          const scalar_t dy = ys[y] - my;
           const scalar_t bterm = pxy * dy + pxz * dz;
           const scalar_t cterm = dy * (pyy * dy + scalar_t(2) * pyz * dz) + pzz * dz * dz;
           int64_t i0, i1;
-          row_interval(pxx, bterm, cterm, k2, static_cast<double>(m[0]), grid, l[0], h[0], i0, i1);
+          row_interval(pxx, bterm, cterm, k2, static_cast<double>(mx), grid, l[0], h[0], i0, i1);
           const scalar_t* row = item + (z * grid.Y + y) * grid.X;
           // Row sums of w, w·dx, w·dx² (w = upstream gradient × exp) give every accumulator.
           double s0 = 0, s1 = 0, s2 = 0;
           for (int64_t i = i0; i <= i1; ++i) {
-            const scalar_t dx = xs[i] - m[0];
+            const scalar_t dx = xs[i] - mx;
             const scalar_t q = dx * (pxx * dx + scalar_t(2) * bterm) + cterm;
             if (q <= k2s) {
               const double w = static_cast<double>(row[i]) * static_cast<double>(std::exp(scalar_t(-0.5) * q));

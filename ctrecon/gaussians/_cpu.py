@@ -93,5 +93,16 @@ class _CompiledVoxelize(torch.autograd.Function):
 
 
 def voxelize(means, prec, intensities, lo, hi, volume: VolumeGeometry, batch: int, k2: float) -> torch.Tensor:
-    """Flat ``[B·Z·Y·X]`` render with the compiled kernel (inputs as prepared by ``render.voxelize``)."""
-    return _CompiledVoxelize.apply(means, prec, intensities, lo, hi, volume, int(batch), float(k2))
+    """Flat ``[B·Z·Y·X]`` render with the compiled kernel (inputs as prepared by ``render.voxelize``).
+
+    The kernel needs the Gaussians of each item sorted by box start (z, y, x); the permutation is
+    applied here with differentiable indexing, so gradients come back in the caller's order.
+    """
+    Z, Y, X = volume.nVoxel
+    n_per_item = max(means.shape[0] // max(batch, 1), 1)
+    item = torch.arange(means.shape[0]) // n_per_item
+    start = torch.minimum(lo, torch.tensor([X, Y, Z]))  # empty boxes may start beyond the grid
+    key = ((item * (Z + 1) + start[:, 2]) * (Y + 1) + start[:, 1]) * (X + 1) + start[:, 0]
+    order = torch.argsort(key, stable=True)
+    return _CompiledVoxelize.apply(means[order], prec[order], intensities[order], lo[order], hi[order], volume,
+                                   int(batch), float(k2))
