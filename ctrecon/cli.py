@@ -52,6 +52,95 @@ def cli():
     """
 
 
+@cli.command()
+@click.option("--data", required=True, type=click.Path(exists=True),
+              help="AbdomenAtlas1.0Mini folder (BDMAP_*/ct.nii.gz) or any folder of NIfTI volumes.")
+@click.option("--config", "config_name", default="paper", show_default=True,
+              type=click.Choice(["paper", "base", "small", "tiny"]), help="Named model size.")
+@click.option("--model", "architecture", default="medgmae", show_default=True,
+              type=click.Choice(["medgmae", "medgmae-star", "voxel-mae"]), help="Prior architecture.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--steps", default=100_000, show_default=True, type=click.IntRange(min=1), help="Optimizer steps.")
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Crops per optimizer step over all processes.")
+@click.option("--accum", default=1, show_default=True, type=click.IntRange(min=1), help="Gradient-accumulation micro-steps.")
+@click.option("--lr", default=1e-4, show_default=True, type=float, help="Peak learning rate (AdamW).")
+@click.option("--warmup", default=None, type=click.IntRange(min=1), help="Warm-up steps [default: 2% of --steps].")
+@click.option("--window", default="-175,250", show_default=True,
+              help="HU window LOW,HIGH scaled to [0, 1]; 'unit' = -1024,3071 (unit attenuation, the reconstruction prior).")
+@click.option("--loss", default="masked", show_default=True, type=click.Choice(["masked", "zeroed-visible"]),
+              help="masked: MSE on masked voxels (paper); zeroed-visible: whole crop vs input with visible patches zeroed (public code).")
+@click.option("--crop-size", default=None, type=click.IntRange(min=1), help="Crop edge in voxels [default: 96].")
+@click.option("--crops-per-volume", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--cache", default=None, type=click.Path(file_okay=False), help="Folder caching preprocessed volumes.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="Data-loading processes.")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              help="auto: bf16 autocast on CUDA, fp32 on CPU.")
+@click.option("--checkpoint-every", default=1000, show_default=True, type=click.IntRange(min=0))
+@click.option("--preview-every", default=1000, show_default=True, type=click.IntRange(min=0), help="PNG previews (0: none).")
+@click.option("--log-every", default=10, show_default=True, type=click.IntRange(min=0), help="log.csv rows (0: none).")
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt when it exists.")
+@common_options
+def pretrain(data, config_name, architecture, out, steps, batch, accum, lr, warmup, window, loss, crop_size,
+             crops_per_volume, cache, workers, precision, checkpoint_every, preview_every, log_every, resume,
+             device, seed):
+    """Pre-train a MedGMAE / MedGMAE* / voxel-MAE prior on CT volumes.
+
+    Writes OUT/prior.pt (weights + metadata, for --prior), OUT/checkpoint.pt (resumable state),
+    OUT/log.csv, OUT/previews/*.png and OUT/config.json. Several GPUs: launch with torchrun.
+
+    \b
+    Examples:
+      ctrecon pretrain --data AbdomenAtlas1.0Mini --config paper --out ckpt/ --window unit
+      ctrecon pretrain --data ct_folder/ --config tiny --out run/ --steps 50 --batch 2 --crop-size 32
+      torchrun --nproc_per_node 4 -m ctrecon.cli pretrain --data DIR --config paper --out ckpt/ --batch 32
+    """
+    from tqdm import tqdm
+
+    from priors.data import DataConfig
+    from priors.model import model_config
+    from priors.pretrain import TrainConfig
+    from priors.pretrain import pretrain as run_pretrain
+
+    if window.strip().lower() == "unit":
+        window_hu = (-1024.0, 3071.0)
+    else:
+        try:
+            window_hu = tuple(float(v) for v in window.split(","))
+        except ValueError:
+            raise InputError(f"--window must be LOW,HIGH in HU or 'unit', got {window!r}") from None
+        if len(window_hu) != 2:
+            raise InputError(f"--window must be LOW,HIGH in HU or 'unit', got {window!r}")
+    overrides = {"loss": loss, **({"crop_size": crop_size} if crop_size else {})}
+    cfg = model_config(config_name, architecture, **overrides)
+    data_cfg = DataConfig(window_hu=window_hu, crops_per_volume=crops_per_volume)
+    train_cfg = TrainConfig(steps=steps, batch=batch, accum=accum, lr=lr, warmup_steps=warmup, precision=precision,
+                            checkpoint_every=checkpoint_every, log_every=log_every, preview_every=preview_every,
+                            workers=workers, seed=seed)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    bar = None
+
+    def progress(step, total, record):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, initial=step - 1, desc="pretrain", unit="step")
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.5f}", lr=f"{record['lr']:.2e}")
+
+    try:
+        summary = run_pretrain(data, out, cfg, data_cfg, train_cfg, resume=resume, device=device, cache_dir=cache,
+                               progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if main_process:
+        start = f"resumed at step {summary['start_step']}, " if summary["resumed"] else ""
+        click.echo(f"{cfg.architecture} ({config_name}) on {summary['training_data']['n_volumes']} volume(s): "
+                   f"{start}{summary['steps']} steps, last loss {summary['final_loss']:.6f}, "
+                   f"{summary['seconds']:.1f} s on {summary['processes']} process(es), {summary['precision']}")
+        click.echo(f"prior: {summary['prior']}\ncheckpoint: {summary['checkpoint']}\nlog: {summary['log']}")
+
+
 def _case_name(scan, scan_path: str) -> str:
     """Name of the imaged case for reports: meta "case", else the source volume's name, else the file's."""
     from pathlib import Path

@@ -1,0 +1,554 @@
+"""MedGMAE, MedGMAE* and the voxel-MAE baseline on single-channel 3-D crops (MedGMAE, ICLR 2026).
+
+Crops are ``[B, 1, D, D, D]`` arrays ordered ``[Z, Y, X]`` with values in [0, 1]. They are cut into
+``(D/p)³`` patches of ``p³`` voxels (raster order z, y, x); a boolean mask ``[B, n_patches]`` marks the
+masked patches (True = hidden from the encoder).
+
+* Encoder: a ViT that embeds the visible patches only (a linear map of each patch, stored as the
+  ``Conv3d`` kernel it equals), adds a fixed 3-D sin-cos position embedding, prepends a cls token
+  (no position embedding) and runs pre-norm transformer blocks.
+* Gaussian decoder (MedGMAE): the encoder tokens are projected to the decoder width and the decoder
+  reads ``[cls] + K learnable Gaussian query tokens + visible tokens``; after its blocks four linear
+  heads turn each query token into one Gaussian: centre (sigmoid → [0, 1]³ of the crop, (x, y, z)),
+  scales (σ in crop units, ``max_scale·sigmoid``, bias −1.386), rotation (L2-normalised quaternion
+  (w, x, y, z)) and intensity (sigmoid, bias −0.405). K does not depend on the mask.
+* MedGMAE*: levels 1, 2 hold ``m_l`` children per level-0 Gaussian, each a tanh-bounded residual of
+  its level-0 parent (paper eq. 4): ``s_l = s_0 + ŝ_l·σ_s − Δs_l``, ``μ_l = μ_0 + μ̂_l·σ_μ``,
+  ``I_l = I_0 + Î_l·σ_I``, ``q_l = normalize(q_0 + q̂_l·σ_rot)``; the rendered set is all levels.
+* Voxel-MAE: the same encoder with a standard MAE decoder regressing the voxels of masked patches
+  (the paper's "Voxel SSL" ablation).
+
+The Gaussian field of a crop is ``Σ I·exp(−½ dᵀΣ⁻¹d)`` rendered by :mod:`ctrecon.gaussians.render` on
+the crop's voxel centres ``((i+½)/D, (j+½)/D, (k+½)/D)`` (see :func:`crop_geometry`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctrecon.errors import InputError
+from ctrecon.geometry import VolumeGeometry
+
+__all__ = ["ModelConfig", "CONFIGS", "ARCHITECTURES", "model_config", "build_model", "count_parameters",
+           "CropGaussians", "MedGMAE", "VoxelMAE", "ViTEncoder", "crop_geometry", "random_patch_mask",
+           "patchify", "unpatchify", "patch_mask_to_voxels", "sincos_position_embedding", "render_crop"]
+
+ARCHITECTURES = ("medgmae", "medgmae-star", "voxel-mae")
+SCALE_BIAS = -1.386       # sigmoid → 0.2 (paper §3.2 / Table 8)
+INTENSITY_BIAS = -0.405   # sigmoid → 0.4
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and loss of a prior; serialised into every checkpoint's metadata.
+
+    Lengths of Gaussians (centres, scales) are in crop units ([0, 1] spans the crop). ``levels`` are
+    MedGMAE*'s children per level-0 Gaussian (m1, m2); ``loss`` is ``"masked"`` (paper: MSE on masked
+    voxels) or ``"zeroed-visible"`` (public code: MSE of the whole rendered crop against the input
+    with visible patches zeroed). ``head_init`` ``"paper"`` is Xavier-uniform for every head,
+    ``"code"`` the public code's N(0, 0.01²) scale-head weights. ``intensity_gain`` multiplies the
+    intensity head (the public code renders 0.1·sigmoid). ``render`` ``"dense"`` voxelizes the whole
+    crop, ``"points"`` evaluates the masked voxels only (same loss, different cost).
+    """
+
+    architecture: str = "medgmae"
+    crop_size: int = 96
+    patch_size: int = 12
+    encoder_dim: int = 1536
+    encoder_depth: int = 12
+    encoder_heads: int = 16
+    decoder_dim: int = 528
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.1
+    mask_ratio: float = 0.75
+    n_gaussians: int = 512
+    max_scale: float = 0.5
+    min_scale: float = 0.005
+    intensity_gain: float = 1.0
+    head_init: str = "paper"
+    levels: tuple = (3, 16)
+    level_scale_offsets: tuple = (0.02, 0.05)
+    residual_scale: float = 0.1
+    residual_position: float = 0.05
+    residual_intensity: float = 0.1
+    residual_rotation: float = 0.2
+    loss: str = "masked"
+    render: str = "dense"
+    k_sigma: float = 3.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "levels", tuple(int(m) for m in self.levels))
+        object.__setattr__(self, "level_scale_offsets", tuple(float(d) for d in self.level_scale_offsets))
+        checks = [
+            (self.architecture in ARCHITECTURES, f"architecture must be one of {', '.join(ARCHITECTURES)}"),
+            (self.crop_size > 0 and self.patch_size > 0 and self.crop_size % self.patch_size == 0,
+             f"crop_size ({self.crop_size}) must be a positive multiple of patch_size ({self.patch_size})"),
+            (self.encoder_dim % 6 == 0 and self.decoder_dim % 6 == 0,
+             "encoder_dim and decoder_dim must be multiples of 6 (3-D sin-cos position embedding)"),
+            (self.encoder_dim % self.encoder_heads == 0 and self.decoder_dim % self.decoder_heads == 0,
+             "encoder/decoder width must be divisible by its number of heads"),
+            (0.0 < self.mask_ratio < 1.0 and 1 <= self.n_visible < self.n_patches,
+             f"mask_ratio {self.mask_ratio} must leave at least one visible and one masked patch"),
+            (self.n_gaussians >= 1, "n_gaussians must be >= 1"),
+            (0.0 < self.min_scale < self.max_scale, "need 0 < min_scale < max_scale"),
+            (len(self.levels) == len(self.level_scale_offsets) and all(m >= 1 for m in self.levels),
+             "levels and level_scale_offsets must have one positive entry per extra level"),
+            (self.loss in ("masked", "zeroed-visible"), "loss must be 'masked' or 'zeroed-visible'"),
+            (self.render in ("dense", "points"), "render must be 'dense' or 'points'"),
+            (self.head_init in ("paper", "code"), "head_init must be 'paper' or 'code'"),
+            (self.loss == "masked" or self.render == "dense", "the 'zeroed-visible' loss needs render='dense'"),
+            (self.k_sigma > 0 and self.intensity_gain > 0, "k_sigma and intensity_gain must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(f"model config: {message}")
+
+    @property
+    def grid(self) -> int:
+        """Patches per axis."""
+        return self.crop_size // self.patch_size
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid ** 3
+
+    @property
+    def n_visible(self) -> int:
+        return int(round(self.n_patches * (1.0 - self.mask_ratio)))
+
+    @property
+    def gaussians_per_level(self) -> list:
+        """Gaussians per level: ``[K]`` (MedGMAE) or ``[K, m1·K, m2·K]`` (MedGMAE*); ``[]`` for voxel-MAE."""
+        if self.architecture == "voxel-mae":
+            return []
+        if self.architecture == "medgmae":
+            return [self.n_gaussians]
+        return [self.n_gaussians] + [m * self.n_gaussians for m in self.levels]
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["levels"] = list(self.levels)
+        out["level_scale_offsets"] = list(self.level_scale_offsets)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise InputError(f"model config: unknown field(s) {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+# Named sizes. `paper` is Tables 6, 7 and 9 of the paper; the smaller ones keep its proportions.
+CONFIGS = {
+    "paper": dict(patch_size=12, encoder_dim=1536, encoder_depth=12, encoder_heads=16,
+                  decoder_dim=528, decoder_depth=8, decoder_heads=16, n_gaussians=512),
+    "base": dict(patch_size=16, encoder_dim=768, encoder_depth=12, encoder_heads=12,
+                 decoder_dim=384, decoder_depth=8, decoder_heads=12, n_gaussians=512),
+    "small": dict(patch_size=16, encoder_dim=384, encoder_depth=6, encoder_heads=6,
+                  decoder_dim=192, decoder_depth=4, decoder_heads=6, n_gaussians=256),
+    "tiny": dict(patch_size=16, encoder_dim=96, encoder_depth=2, encoder_heads=4,
+                 decoder_dim=48, decoder_depth=1, decoder_heads=4, n_gaussians=64, levels=(2, 4)),
+}
+
+
+def model_config(name: str, architecture: str = "medgmae", **overrides) -> ModelConfig:
+    """The named configuration (``paper``, ``base``, ``small``, ``tiny``) with ``overrides`` applied."""
+    if name not in CONFIGS:
+        raise InputError(f"unknown config {name!r} (choose from {', '.join(CONFIGS)})")
+    return ModelConfig(architecture=architecture, **{**CONFIGS[name], **overrides})
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+# --------------------------------------------------------------------------- patches and masks
+def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """``[B, 1, D, D, D]`` → ``[B, (D/p)³, p³]`` (patches in z, y, x raster order; voxels likewise)."""
+    B, C, Z, Y, X = x.shape
+    g = (Z // patch, Y // patch, X // patch)
+    x = x.reshape(B, C, g[0], patch, g[1], patch, g[2], patch)
+    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(B, g[0] * g[1] * g[2], C * patch ** 3)
+
+
+def unpatchify(patches: torch.Tensor, patch: int, grid: int) -> torch.Tensor:
+    """Inverse of :func:`patchify` for cubic single-channel crops."""
+    B = patches.shape[0]
+    x = patches.reshape(B, grid, grid, grid, 1, patch, patch, patch)
+    return x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(B, 1, grid * patch, grid * patch, grid * patch)
+
+
+def patch_mask_to_voxels(mask: torch.Tensor, patch: int, grid: int) -> torch.Tensor:
+    """``[B, n_patches]`` bool → ``[B, 1, D, D, D]`` bool (each patch's voxels)."""
+    m = mask.reshape(-1, 1, grid, grid, grid)
+    return m.repeat_interleave(patch, 2).repeat_interleave(patch, 3).repeat_interleave(patch, 4)
+
+
+def random_patch_mask(seeds, n_patches: int, n_masked: int, device=None) -> torch.Tensor:
+    """One random mask per seed: ``[len(seeds), n_patches]`` bool with exactly ``n_masked`` True.
+
+    Seeded per sample so that a sample gets the same mask whatever the batch, process or worker.
+    """
+    rows = []
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
+        order = torch.randperm(n_patches, generator=gen)
+        row = torch.zeros(n_patches, dtype=torch.bool)
+        row[order[:n_masked]] = True
+        rows.append(row)
+    return torch.stack(rows).to(device)
+
+
+def _visible_indices(mask: torch.Tensor, n_visible: int) -> torch.Tensor:
+    """``[B, n_visible]`` indices of the visible patches of each row (ascending); every row of ``mask``
+    must hide exactly ``n_patches − n_visible`` patches."""
+    if mask.device.type != "meta" and not torch.all((~mask).sum(1) == n_visible):
+        raise InputError(f"every mask row must leave exactly {n_visible} patches visible")
+    return torch.argsort(mask.to(torch.uint8), dim=1, stable=True)[:, :n_visible]
+
+
+def sincos_position_embedding(grid: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed 3-D sin-cos embedding ``[grid³, dim]``: sin/cos of the z, y, x patch index, dim/6 frequencies each."""
+    per_axis = dim // 6
+    omega = 1.0 / temperature ** (torch.arange(per_axis, dtype=torch.float64) / per_axis)
+    idx = torch.arange(grid, dtype=torch.float64)
+    zz, yy, xx = torch.meshgrid(idx, idx, idx, indexing="ij")
+    parts = []
+    for coord in (zz, yy, xx):
+        angle = coord.reshape(-1, 1) * omega[None]
+        parts += [angle.sin(), angle.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+# --------------------------------------------------------------------------- transformer
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch of a sample with probability ``p`` in training."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device, dtype=x.dtype)
+        return x * keep.bernoulli_(1.0 - self.p) / (1.0 - self.p)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, L, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (timm / MAE layout; maps one-to-one onto MONAI's TransformerBlock)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def _blocks(dim, depth, heads, mlp_ratio, drop_path) -> nn.ModuleList:
+    rates = [drop_path * i / (depth - 1) for i in range(depth)] if depth > 1 else [drop_path] * depth
+    return nn.ModuleList(Block(dim, heads, mlp_ratio, r) for r in rates)
+
+
+def _init_transformer(module: nn.Module):
+    """Xavier-uniform linear weights, zero biases, unit LayerNorms (MAE)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class ViTEncoder(nn.Module):
+    """3-D ViT over the visible patches: ``(crop [B,1,D,D,D], visible [B,n]) → [B, 1+n, E]`` (cls first)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.patch_size, self.grid, self.dim = cfg.patch_size, cfg.grid, cfg.encoder_dim
+        self.patch_embed = nn.Conv3d(1, cfg.encoder_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.register_buffer("pos_embed", sincos_position_embedding(cfg.grid, cfg.encoder_dim), persistent=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.encoder_dim))
+        self.blocks = _blocks(cfg.encoder_dim, cfg.encoder_depth, cfg.encoder_heads, cfg.mlp_ratio, cfg.drop_path)
+        self.norm = nn.LayerNorm(cfg.encoder_dim, eps=1e-6)
+        _init_transformer(self)
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(cfg.encoder_dim, -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def embed(self, patches: torch.Tensor) -> torch.Tensor:
+        """Linear patch embedding ``[B, n, p³]`` → ``[B, n, E]`` (the Conv3d kernel applied per patch)."""
+        return F.linear(patches, self.patch_embed.weight.reshape(self.dim, -1), self.patch_embed.bias)
+
+    def forward(self, crops: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        patches = patchify(crops, self.patch_size)
+        index = visible[:, :, None]
+        tokens = self.embed(patches.gather(1, index.expand(-1, -1, patches.shape[-1])))
+        tokens = tokens + self.pos_embed.to(tokens.dtype)[visible]
+        x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+# --------------------------------------------------------------------------- Gaussians
+class CropGaussians(NamedTuple):
+    """Gaussians of a batch of crops in crop units: means ``[B, N, 3]`` (x, y, z) in [0, 1]³, scales
+    ``[B, N, 3]`` (σ), quats ``[B, N, 4]`` (w, x, y, z) unit, intensities ``[B, N]``."""
+
+    means: torch.Tensor
+    scales: torch.Tensor
+    quats: torch.Tensor
+    intensities: torch.Tensor
+
+    def float(self) -> "CropGaussians":
+        return CropGaussians(*(t.float() for t in self))
+
+    def level(self, counts, index: int) -> "CropGaussians":
+        """The Gaussians of one level given the per-level ``counts``."""
+        start = sum(counts[:index])
+        return CropGaussians(*(t[:, start:start + counts[index]] for t in self))
+
+
+def crop_geometry(crop_size: int) -> VolumeGeometry:
+    """The crop as a grid of the unit cube: voxel (k, j, i) centre ``((i+½)/D, (j+½)/D, (k+½)/D)``."""
+    return VolumeGeometry((crop_size,) * 3, (1.0 / crop_size,) * 3, (0.5, 0.5, 0.5))
+
+
+def render_crop(gaussians: CropGaussians, crop_size: int, k_sigma: float = 3.0) -> torch.Tensor:
+    """Dense rendering ``[B, 1, D, D, D]`` (float32) of crop-unit Gaussians."""
+    from ctrecon.gaussians.render import voxelize
+
+    g = gaussians.float()
+    return voxelize(g.means, g.scales, g.quats, g.intensities, crop_geometry(crop_size), k_sigma).unsqueeze(1)
+
+
+def render_crop_points(gaussians: CropGaussians, points: torch.Tensor, k_sigma: float = 3.0) -> torch.Tensor:
+    """Field values ``[B, M]`` at crop-unit points ``[B, M, 3]`` (x, y, z)."""
+    from ctrecon.gaussians.render import render_points
+
+    g = gaussians.float()
+    return render_points(g.means, g.scales, g.quats, g.intensities, points.float(), k_sigma)
+
+
+def _voxel_centres(crop_size: int, device) -> torch.Tensor:
+    """``[D, D, D, 3]`` crop-unit (x, y, z) centres of the voxels of a ``[Z, Y, X]`` crop."""
+    c = (torch.arange(crop_size, device=device, dtype=torch.float32) + 0.5) / crop_size
+    zz, yy, xx = torch.meshgrid(c, c, c, indexing="ij")
+    return torch.stack([xx, yy, zz], dim=-1)
+
+
+class _Heads(nn.Module):
+    """Four linear heads: centre (3), scale (3), rotation (4), intensity (1)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.position = nn.Linear(dim, 3)
+        self.scale = nn.Linear(dim, 3)
+        self.rotation = nn.Linear(dim, 4)
+        self.intensity = nn.Linear(dim, 1)
+
+    def forward(self, x):
+        return self.position(x), self.scale(x), self.rotation(x), self.intensity(x).squeeze(-1)
+
+
+class _LevelHead(nn.Module):
+    """One MedGMAE* level: ``m`` children per level-0 token, a residual MLP block, tanh residual heads."""
+
+    def __init__(self, dim: int, children: int, mlp_ratio: float):
+        super().__init__()
+        self.child_tokens = nn.Parameter(torch.zeros(children, dim))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.heads = _Heads(dim)
+
+    def forward(self, parents: torch.Tensor):
+        """``[B, K, C]`` level-0 token features → residuals (tanh) of shape ``[B, K·m, …]``."""
+        B, K, C = parents.shape
+        h = parents[:, :, None, :] + self.child_tokens.to(parents.dtype)
+        h = h + self.mlp(self.norm(h))
+        return tuple(torch.tanh(t).reshape(B, K * self.child_tokens.shape[0], *t.shape[3:])
+                     for t in self.heads(h))
+
+
+class MedGMAE(nn.Module):
+    """MedGMAE (``architecture="medgmae"``) and MedGMAE* (``"medgmae-star"``).
+
+    ``forward(crops, mask) → CropGaussians`` (all levels concatenated, level 0 first);
+    ``loss(crops, mask)`` is the reconstruction loss of :class:`ModelConfig`.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.architecture not in ("medgmae", "medgmae-star"):
+            raise InputError(f"MedGMAE cannot build architecture {cfg.architecture!r}")
+        self.cfg = cfg
+        self.encoder = ViTEncoder(cfg)
+        self.encoder_to_decoder = nn.Linear(cfg.encoder_dim, cfg.decoder_dim)
+        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.n_gaussians, cfg.decoder_dim))
+        self.decoder_blocks = _blocks(cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, cfg.mlp_ratio,
+                                      cfg.drop_path)
+        self.decoder_norm = nn.LayerNorm(cfg.decoder_dim, eps=1e-6)
+        self.heads = _Heads(cfg.decoder_dim)
+        self.levels = nn.ModuleList(_LevelHead(cfg.decoder_dim, m, cfg.mlp_ratio)
+                                    for m in (cfg.levels if cfg.architecture == "medgmae-star" else ()))
+        _init_transformer(self.encoder_to_decoder)
+        _init_transformer(self.decoder_blocks)
+        _init_transformer(self.decoder_norm)
+        _init_transformer(self.heads)
+        _init_transformer(self.levels)
+        nn.init.normal_(self.query_tokens, std=0.02)
+        for level in self.levels:
+            nn.init.normal_(level.child_tokens, std=0.02)
+        if cfg.head_init == "code":
+            nn.init.normal_(self.heads.scale.weight, std=0.01)
+        nn.init.constant_(self.heads.scale.bias, SCALE_BIAS)
+        nn.init.constant_(self.heads.intensity.bias, INTENSITY_BIAS)
+
+    def decode_tokens(self, crops: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Decoder features ``[B, K, C]`` of the Gaussian query tokens."""
+        visible = _visible_indices(mask, self.cfg.n_visible)
+        latent = self.encoder_to_decoder(self.encoder(crops, visible))
+        queries = self.query_tokens.expand(latent.shape[0], -1, -1).to(latent.dtype)
+        x = torch.cat([latent[:, :1], queries, latent[:, 1:]], dim=1)
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_norm(x)[:, 1:1 + self.cfg.n_gaussians]
+
+    def forward(self, crops: torch.Tensor, mask: torch.Tensor) -> CropGaussians:
+        cfg = self.cfg
+        tokens = self.decode_tokens(crops, mask)
+        pos, scale, rot, inten = self.heads(tokens)
+        means = torch.sigmoid(pos)
+        scales = cfg.max_scale * torch.sigmoid(scale)
+        quats = F.normalize(rot, dim=-1)
+        intensities = cfg.intensity_gain * torch.sigmoid(inten)
+        out = [(means, scales, quats, intensities)]
+        for level, offset in zip(self.levels, cfg.level_scale_offsets):
+            m = level.child_tokens.shape[0]
+            d_pos, d_scale, d_rot, d_int = level(tokens)
+            rep = lambda t: t.repeat_interleave(m, dim=1)  # noqa: E731 - parent of each child
+            out.append((rep(means) + d_pos * cfg.residual_position,
+                        (rep(scales) + d_scale * cfg.residual_scale - offset).clamp_min(cfg.min_scale),
+                        F.normalize(rep(quats) + d_rot * cfg.residual_rotation, dim=-1),
+                        rep(intensities) + d_int * cfg.residual_intensity))
+        return CropGaussians(*(torch.cat(parts, dim=1) for parts in zip(*out)))
+
+    def loss_from_gaussians(self, gaussians: CropGaussians, crops: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Reconstruction loss of rendered ``gaussians`` against ``crops`` (float32 rendering)."""
+        cfg = self.cfg
+        crops = crops.float()
+        if cfg.render == "points":
+            centres = _voxel_centres(cfg.crop_size, crops.device)
+            voxel_mask = patch_mask_to_voxels(mask, cfg.patch_size, cfg.grid)[:, 0]
+            B = crops.shape[0]
+            points = centres[None].expand(B, -1, -1, -1, -1)[voxel_mask].reshape(B, -1, 3)
+            values = render_crop_points(gaussians, points, cfg.k_sigma)
+            return F.mse_loss(values, crops[:, 0][voxel_mask].reshape(B, -1))
+        rendered = render_crop(gaussians, cfg.crop_size, cfg.k_sigma)
+        voxel_mask = patch_mask_to_voxels(mask, cfg.patch_size, cfg.grid)
+        if cfg.loss == "zeroed-visible":
+            return F.mse_loss(rendered, crops * voxel_mask)
+        return F.mse_loss(rendered[voxel_mask], crops[voxel_mask])
+
+    def loss(self, crops: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.loss_from_gaussians(self(crops, mask), crops, mask)
+
+    @torch.no_grad()
+    def reconstruct(self, crops: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The rendered crop ``[B, 1, D, D, D]`` (for previews)."""
+        return render_crop(self(crops, mask), self.cfg.crop_size, self.cfg.k_sigma)
+
+
+class VoxelMAE(nn.Module):
+    """MAE with a voxel decoder: mask tokens + sin-cos positions, blocks, a linear head to ``p³`` voxels."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.architecture != "voxel-mae":
+            raise InputError(f"VoxelMAE cannot build architecture {cfg.architecture!r}")
+        self.cfg = cfg
+        self.encoder = ViTEncoder(cfg)
+        self.encoder_to_decoder = nn.Linear(cfg.encoder_dim, cfg.decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))
+        self.register_buffer("decoder_pos_embed", sincos_position_embedding(cfg.grid, cfg.decoder_dim),
+                             persistent=False)
+        self.decoder_blocks = _blocks(cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, cfg.mlp_ratio,
+                                      cfg.drop_path)
+        self.decoder_norm = nn.LayerNorm(cfg.decoder_dim, eps=1e-6)
+        self.head = nn.Linear(cfg.decoder_dim, cfg.patch_size ** 3)
+        for part in (self.encoder_to_decoder, self.decoder_blocks, self.decoder_norm, self.head):
+            _init_transformer(part)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, crops: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Predicted voxels of every patch ``[B, n_patches, p³]`` (only the masked ones are trained)."""
+        visible = _visible_indices(mask, self.cfg.n_visible)
+        latent = self.encoder_to_decoder(self.encoder(crops, visible))
+        B, n_patches = mask.shape
+        tokens = self.mask_token.to(latent.dtype).expand(B, n_patches, -1)
+        tokens = tokens.scatter(1, visible[:, :, None].expand(-1, -1, latent.shape[-1]), latent[:, 1:])
+        x = torch.cat([latent[:, :1], tokens + self.decoder_pos_embed.to(latent.dtype)], dim=1)
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.head(self.decoder_norm(x)[:, 1:])
+
+    def loss(self, crops: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        predicted = self(crops, mask).float()
+        return F.mse_loss(predicted[mask], patchify(crops.float(), self.cfg.patch_size)[mask])
+
+    @torch.no_grad()
+    def reconstruct(self, crops: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Visible patches from the input, masked ones predicted: ``[B, 1, D, D, D]``."""
+        predicted = self(crops, mask).float()
+        patches = torch.where(mask[..., None], predicted, patchify(crops.float(), self.cfg.patch_size))
+        return unpatchify(patches, self.cfg.patch_size, self.cfg.grid)
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model of ``cfg.architecture``."""
+    return VoxelMAE(cfg) if cfg.architecture == "voxel-mae" else MedGMAE(cfg)
+

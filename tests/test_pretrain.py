@@ -1,0 +1,139 @@
+"""priors.pretrain and ``ctrecon pretrain``: schedule, resumability, DDP (2 gloo processes), CLI."""
+import csv
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from ctrecon.errors import InputError
+from priors.checkpoints import load_prior, load_state, read_metadata
+from priors.data import DataConfig
+from priors.model import build_model, model_config
+from priors.pretrain import TrainConfig, lr_factor, parameter_groups, pretrain
+
+TINY = dict(crop_size=32, patch_size=8)
+DATA = DataConfig(crops_per_volume=2)
+
+
+@pytest.fixture(scope="module")
+def volume_folder(tmp_path_factory):
+    """One synthetic CT-like NIfTI (HU): air, a body ellipsoid, a bone rod, 1.5 mm voxels."""
+    from ctrecon.io import save_volume
+
+    folder = tmp_path_factory.mktemp("volumes")
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in (40, 48, 48)], indexing="ij")
+    hu = np.full(z.shape, -1000.0, np.float32)
+    hu[(x / 0.8) ** 2 + (y / 0.6) ** 2 + (z / 0.9) ** 2 < 1] = 40.0
+    hu[(x - 0.2) ** 2 + (y + 0.1) ** 2 < 0.02] = 700.0
+    save_volume(folder / "case.nii.gz", hu, (1.5, 1.5, 1.5))
+    return folder
+
+
+def _losses(out):
+    with open(out / "log.csv", newline="") as handle:
+        return [(int(r["step"]), float(r["loss"]), float(r["lr"])) for r in csv.DictReader(handle)]
+
+
+def test_lr_schedule_and_parameter_groups():
+    assert lr_factor(0, 100, 10) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10) == pytest.approx(0.5)
+    assert lr_factor(99, 100, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert TrainConfig(steps=100_000).warmup == 2000
+    model = build_model(model_config("tiny", "medgmae-star", **TINY))
+    decay, no_decay = parameter_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert all(p.ndim >= 2 for p in decay["params"]) and no_decay["weight_decay"] == 0.0
+    for name in ("query_tokens", "encoder.cls_token", "levels.0.child_tokens", "encoder.norm.weight",
+                 "heads.scale.bias"):
+        assert name in no_decay_names
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_one(volume_folder, tmp_path):
+    cfg = model_config("tiny", **TINY)  # stochastic depth on: the RNG state must be restored too
+    train = TrainConfig(steps=6, batch=2, checkpoint_every=3, log_every=1, preview_every=3, workers=0, seed=1)
+    full = pretrain(volume_folder, tmp_path / "full", cfg, DATA, train)
+    assert full["final_loss"] == pytest.approx(_losses(tmp_path / "full")[-1][1])
+
+    def stop_after_four(step, total, record):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(volume_folder, tmp_path / "split", cfg, DATA, train, progress=stop_after_four)
+    assert load_state(tmp_path / "split" / "checkpoint.pt")["step"] == 3
+    with pytest.raises(InputError):  # refuses to overwrite a run without --resume
+        pretrain(volume_folder, tmp_path / "split", cfg, DATA, train)
+    with pytest.raises(InputError):  # refuses another architecture
+        pretrain(volume_folder, tmp_path / "split", model_config("tiny", "voxel-mae", **TINY), DATA, train, resume=True)
+    resumed = pretrain(volume_folder, tmp_path / "split", cfg, DATA, train, resume=True)
+    assert resumed["resumed"] and resumed["start_step"] == 3
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "split")
+    assert [r[0] for r in b] == list(range(1, 7))
+    np.testing.assert_allclose([r[1:] for r in b], [r[1:] for r in a], rtol=1e-6)
+    model_a, meta = load_prior(tmp_path / "full" / "prior.pt")
+    model_b, _ = load_prior(tmp_path / "split" / "prior.pt")
+    for (name, pa), pb in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7, msg=name)
+    assert meta["training"]["steps"] == 6 and meta["training_data"]["n_volumes"] == 1
+    assert meta["intensity_window_hu"] == [-175.0, 250.0] and meta["voxel_spacing_mm"] == [1.5] * 3
+    assert sorted(p.name for p in (tmp_path / "full" / "previews").glob("*.png")) == ["step_0000003.png",
+                                                                                      "step_0000006.png"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, data, out, train):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    pretrain(data, out, model_config("tiny", drop_path=0.0, **TINY), DATA, train, device="cpu")
+
+
+def test_two_process_ddp_matches_one_process(volume_folder, tmp_path):
+    cfg = model_config("tiny", drop_path=0.0, **TINY)
+    train = TrainConfig(steps=3, batch=4, checkpoint_every=0, log_every=1, preview_every=0, workers=0, seed=2)
+    pretrain(volume_folder, tmp_path / "single", cfg, DATA, train)
+    pretrain(volume_folder, tmp_path / "accum", cfg, DATA, TrainConfig(**{**train.to_dict(), "accum": 2}))
+    mp.spawn(_ddp_worker, args=(2, _free_port(), volume_folder, tmp_path / "ddp", train), nprocs=2, join=True)
+    single, accum, ddp = (_losses(tmp_path / name) for name in ("single", "accum", "ddp"))
+    np.testing.assert_allclose([r[1] for r in ddp], [r[1] for r in single], rtol=1e-4)
+    np.testing.assert_allclose([r[1] for r in accum], [r[1] for r in single], rtol=1e-4)
+    assert read_metadata(tmp_path / "ddp" / "prior.pt")["training"]["processes"] == 2
+    model_single, _ = load_prior(tmp_path / "single" / "prior.pt")
+    model_ddp, _ = load_prior(tmp_path / "ddp" / "prior.pt")
+    for (name, a), b in zip(model_single.state_dict().items(), model_ddp.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_cli_pretrain(volume_folder, tmp_path, capsys):
+    from ctrecon.cli import main
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--data", str(volume_folder), "--config", "tiny", "--model", "medgmae-star", "--out", str(out),
+              "--steps", "2", "--batch", "2", "--crop-size", "32", "--workers", "0", "--window", "unit",
+              "--device", "cpu"])
+    assert exit_info.value.code == 0
+    meta = read_metadata(out / "prior.pt")
+    assert meta["architecture"] == "medgmae-star" and meta["intensity_window_hu"] == [-1024.0, 3071.0]
+    assert meta["gaussians_per_level"] == [64, 128, 256]
+    assert "prior:" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--data", str(tmp_path / "nothing"), "--config", "tiny", "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--data", str(volume_folder), "--config", "tiny", "--out", str(tmp_path / "y"),
+              "--window", "250,-175"])
+    assert exit_info.value.code == 2 and not (tmp_path / "y").exists()
