@@ -143,7 +143,7 @@ def _options_metadata(name: str, volume: VolumeGeometry, **options) -> dict:
 def fbp_initializer(fdk_volume, volume_geometry: VolumeGeometry, n_gaussians: int = DEFAULT_N_GAUSSIANS,
                     generator: torch.Generator | None = None, *, threshold: float = 0.05,
                     skip_fraction: float = 0.15, intensity_scale: float | str = "auto",
-                    intensity_offset: float = 0.001, neighbours: int = 3, scale_factor: float = 0.5,
+                    intensity_offset: float = 0.001, neighbours: int = 3, scale_factor: float = 0.75,
                     max_scale_voxels: float = 5.0, intensity_activation: str = "softplus",
                     k_sigma: float = DEFAULT_K_SIGMA) -> GaussianField:
     """3DGR-CT's FBP-driven initialisation (see the module docstring for the rule and deviations).
