@@ -1,0 +1,215 @@
+"""Simulated cone-beam scans of CT volumes: HU → unit attenuation, resampling, projection, dose/noise model.
+
+Intensity scale (DESIGN.md §2): ``u = (clip(HU, -1024, 3071) + 1024) / 4095`` (air 0, water ≈ 0.25).
+
+Noise model (``dose_i0`` given): each detector pixel receives ``I0`` incident photons; the detected
+count is ``N = Poisson(I0·exp(-p)) + Normal(0, σ_e²)`` (σ_e: electronic noise, in counts), clipped
+at ``N ≥ 1`` (no log of zero), and the noisy line integral is ``-log(N / I0)``. Randomness comes
+from ``numpy.random.default_rng(seed)`` on the CPU, so a seed gives the same scan on every device.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ._backend import resolve_device
+from .errors import InputError
+from .geometry import TWO_PI, ConeBeamGeometry, VolumeGeometry
+
+__all__ = ["HU_MIN", "HU_MAX", "hu_to_unit", "unit_to_hu", "resample_volume", "add_noise", "simulate_scan"]
+
+HU_MIN, HU_MAX = -1024.0, 3071.0
+_HU_SPAN = HU_MAX - HU_MIN
+
+
+def hu_to_unit(hu):
+    """Hounsfield units → unit attenuation ``(clip(HU, -1024, 3071) + 1024) / 4095`` (numpy or torch)."""
+    if torch.is_tensor(hu):
+        return (hu.clamp(HU_MIN, HU_MAX) - HU_MIN) / _HU_SPAN
+    return (np.clip(hu, HU_MIN, HU_MAX) - HU_MIN) / _HU_SPAN
+
+
+def unit_to_hu(unit):
+    """Unit attenuation → Hounsfield units ``u·4095 - 1024`` (the inverse of :func:`hu_to_unit` on its range)."""
+    return unit * _HU_SPAN + HU_MIN
+
+
+def resample_volume(volume, spacing, *, shape=None, spacing_out=None) -> tuple:
+    """Trilinear resampling of ``volume`` ``[Z, Y, X]`` to ``shape`` (Z, Y, X) or to ``spacing_out`` mm.
+
+    Semantics of ``torch.nn.functional.interpolate(mode="trilinear", align_corners=False)``: the
+    grid keeps its physical extent (n·d per axis) and its centre, so the new spacing is
+    ``d·n / n_new``; with ``spacing_out`` (a number or (dz, dy, dx)) ``n_new = round(n·d / spacing_out)``
+    and the returned spacing is that exact ``d·n / n_new`` (close to the request). No anti-aliasing
+    filter is applied when downsampling. Returns ``(float32 array [Z, Y, X], spacing (dz, dy, dx))``.
+    """
+    data = np.asarray(volume, dtype=np.float32)
+    spacing = _positive_triple(spacing, "spacing")
+    if shape is not None and spacing_out is not None:
+        raise InputError("give either a shape or an output spacing, not both")
+    if shape is not None:
+        new_shape = _shape_triple(shape)
+    elif spacing_out is not None:
+        target = _positive_triple(spacing_out, "output spacing")
+        new_shape = tuple(max(1, int(round(n * d / t))) for n, d, t in zip(data.shape, spacing, target))
+    else:
+        return data, spacing
+    new_spacing = tuple(d * n / m for n, d, m in zip(data.shape, spacing, new_shape))
+    if new_shape == data.shape:
+        return data, new_spacing
+    resampled = torch.nn.functional.interpolate(torch.from_numpy(np.ascontiguousarray(data))[None, None],
+                                                size=new_shape, mode="trilinear", align_corners=False)
+    return resampled[0, 0].numpy(), new_spacing
+
+
+def add_noise(projections, dose_i0: float, electronic_sigma: float = 0.0, seed: int = 0) -> np.ndarray:
+    """Noisy line integrals ``-log(N / I0)``, ``N = max(1, Poisson(I0·e^{-p}) + Normal(0, σ_e²))`` (float32)."""
+    i0 = _positive_number(dose_i0, "dose (incident photons per pixel)")
+    sigma = float(electronic_sigma)
+    if not math.isfinite(sigma) or sigma < 0:
+        raise InputError(f"electronic noise sigma must be >= 0 counts, got {electronic_sigma}")
+    rng = np.random.default_rng(seed)
+    expected = i0 * np.exp(-np.asarray(projections, dtype=np.float64))
+    counts = rng.poisson(expected).astype(np.float64)
+    if sigma > 0:
+        counts += rng.normal(0.0, sigma, size=counts.shape)
+    return (-np.log(np.maximum(counts, 1.0) / i0)).astype(np.float32)
+
+
+def simulate_scan(volume, spacing, n_views: int, *, arc: float = TWO_PI, dose_i0: Optional[float] = None,
+                  electronic_sigma: float = 0.0, shape=None, spacing_out=None, input_units: str = "hu",
+                  DSO: Optional[float] = None, DSD: Optional[float] = None, seed: int = 0, device="cpu",
+                  projector: Optional[Callable] = None, source: Optional[str] = None, origin=None):
+    """Simulate a circular cone-beam scan of ``volume`` and return a :class:`ctrecon.io.Scan`.
+
+    volume: ``[Z, Y, X]`` numpy array or tensor in HU (``input_units="hu"``) or unit attenuation
+    (``"unit"``); spacing: (dz, dy, dx) mm or one number. The volume is converted to unit
+    attenuation, optionally resampled (:func:`resample_volume`: ``shape`` or ``spacing_out``), and
+    becomes the scan's ground truth. The geometry is ``ConeBeamGeometry.covering`` of the (centred)
+    volume with ``n_views`` equally spaced angles over ``arc`` radians (DSO/DSD: defaults of
+    ``covering``); projections come from ``projector(geometry)`` (default :class:`ctrecon.projector.Projector`)
+    on ``device``; ``dose_i0`` adds the seeded noise of the module docstring. ``source`` (a
+    description) and ``origin`` ((x, y, z) LPS mm of voxel [0, 0, 0] of the input) go into ``meta``
+    so that reconstructions can be written in the source's patient frame.
+    """
+    from . import __version__
+    from .io import Scan
+
+    data = _volume_array(volume)
+    spacing = _positive_triple(spacing, "spacing")
+    unit = _to_unit(data, input_units)
+    if dose_i0 is None and float(electronic_sigma) != 0.0:
+        raise InputError("electronic noise needs a dose (incident photons per pixel, dose_i0 / --dose)")
+    n_views = _view_count(n_views)
+    arc = float(arc)
+    if not (0.0 < arc <= TWO_PI + 1e-9):
+        raise InputError(f"the scan arc must be in (0°, 360°], got {math.degrees(arc):.1f}°")
+    ground_truth, new_spacing = resample_volume(unit, spacing, shape=shape, spacing_out=spacing_out)
+    try:
+        geometry = ConeBeamGeometry.covering(VolumeGeometry(ground_truth.shape, new_spacing), n_views=n_views,
+                                             arc=min(arc, TWO_PI), DSO=DSO, DSD=DSD)
+    except ValueError as err:
+        raise InputError(f"cannot build the scan geometry: {err}") from None
+    device = resolve_device(device)
+    if projector is None:
+        from .projector import Projector as projector
+    with torch.no_grad():
+        volume_tensor = torch.from_numpy(np.ascontiguousarray(ground_truth)).to(device)
+        projections = projector(geometry)(volume_tensor).detach().cpu().numpy().astype(np.float32)
+    noise = {"model": "noiseless"}
+    if dose_i0 is not None:
+        projections = add_noise(projections, dose_i0, electronic_sigma, seed)
+        noise = {"model": "poisson+gaussian", "I0": float(dose_i0), "electronic_sigma": float(electronic_sigma),
+                 "formula": "-log(max(1, Poisson(I0*exp(-p)) + Normal(0, sigma^2)) / I0)"}
+    meta = {"source": source or "array", "input_units": input_units, "source_shape": list(data.shape),
+            "source_spacing": list(spacing), "shape": list(ground_truth.shape), "spacing": list(new_spacing),
+            "resampling": None if ground_truth.shape == data.shape else
+            "trilinear, torch interpolate align_corners=False (extent and centre kept)",
+            "noise": noise, "seed": int(seed), "version": __version__}
+    if origin is not None:
+        origin = np.asarray(origin, dtype=np.float64).reshape(3)
+        # Voxel [0,0,0] of the resampled grid sits half a new voxel minus half an old voxel further along.
+        meta["origin"] = (origin + 0.5 * (np.array(new_spacing[::-1]) - np.array(spacing[::-1]))).tolist()
+    return Scan(projections=projections, angles=geometry.angles.copy(), geometry=geometry,
+                ground_truth=ground_truth.astype(np.float32), meta=meta)
+
+
+# --------------------------------------------------------------------------- validation
+def _volume_array(volume) -> np.ndarray:
+    if torch.is_tensor(volume):
+        volume = volume.detach().cpu().numpy()
+    data = np.asarray(volume)
+    if data.dtype.kind not in "iuf":
+        raise InputError(f"the volume must hold real numbers, got dtype {data.dtype}")
+    if data.ndim != 3:
+        raise InputError(f"the volume must be a 3-D [Z, Y, X] array, got {data.ndim}-D shape {data.shape}")
+    if data.size == 0:
+        raise InputError(f"the volume is empty (shape {data.shape})")
+    data = data.astype(np.float32)
+    if not np.all(np.isfinite(data)):
+        raise InputError("the volume contains NaN or Inf values")
+    return data
+
+
+def _to_unit(data: np.ndarray, input_units: str) -> np.ndarray:
+    """HU (checked to look like CT) or unit attenuation (checked to look like it) → unit attenuation."""
+    low, high = float(data.min()), float(data.max())
+    if input_units == "hu":
+        # CT holds air or at least fat (≤ -100 HU) and spans hundreds of HU; [0, 1] or [0, 255] images do not.
+        if low > -100.0 or high - low < 100.0:
+            raise InputError(f"the volume does not look like CT in Hounsfield units (values span [{low:.4g}, {high:.4g}]; "
+                             "CT has air at -1000 HU and water at 0 HU); if it holds unit attenuation already, "
+                             "use input_units='unit' (CLI: --input-units unit)")
+        return hu_to_unit(data).astype(np.float32)
+    if input_units == "unit":
+        if low < -0.1 or high > 1.5:
+            raise InputError(f"the volume does not look like unit attenuation (values span [{low:.4g}, {high:.4g}], "
+                             "expected about [0, 1]); for Hounsfield units use input_units='hu'")
+        return data
+    raise InputError(f"input_units must be 'hu' or 'unit', got {input_units!r}")
+
+
+def _positive_triple(value, name: str) -> tuple:
+    try:
+        items = np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number or 3 numbers (dz, dy, dx) mm, got {value!r}") from None
+    if items.size == 1:
+        items = np.repeat(items, 3)
+    if items.size != 3 or not np.all(np.isfinite(items)) or np.any(items <= 0):
+        raise InputError(f"{name} must be a positive number or 3 positive numbers (dz, dy, dx) mm, got {value!r}")
+    return tuple(float(v) for v in items)
+
+
+def _shape_triple(shape) -> tuple:
+    try:
+        items = tuple(int(v) for v in shape)
+        exact = all(float(v) == int(v) for v in shape)
+    except (TypeError, ValueError):
+        raise InputError(f"shape must be 3 positive integers (Z, Y, X), got {shape!r}") from None
+    if len(items) != 3 or not exact or min(items) < 1:
+        raise InputError(f"shape must be 3 positive integers (Z, Y, X), got {shape!r}")
+    return items
+
+
+def _positive_number(value, name: str) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a positive number, got {value!r}") from None
+    if not math.isfinite(out) or out <= 0:
+        raise InputError(f"{name} must be a positive number, got {value!r}")
+    return out
+
+
+def _view_count(n_views) -> int:
+    try:
+        count = int(n_views)
+    except (TypeError, ValueError):
+        raise InputError(f"the number of views must be a positive integer, got {n_views!r}") from None
+    if count < 1 or count != n_views:
+        raise InputError(f"the number of views must be a positive integer, got {n_views!r}")
+    return count

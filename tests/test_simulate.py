@@ -1,0 +1,138 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import ctrecon
+from ctrecon.errors import InputError
+from ctrecon.geometry import VolumeGeometry
+from ctrecon.io import Scan
+from ctrecon.phantoms import GaussianBlob, gaussian_projections, gaussian_volume
+from ctrecon.simulate import add_noise, hu_to_unit, resample_volume, simulate_scan, unit_to_hu
+
+
+def test_hu_unit_round_trip_and_clipping():
+    hu = np.array([-1024.0, -1000.0, 0.0, 40.0, 1500.0, 3071.0])
+    unit = hu_to_unit(hu)
+    np.testing.assert_allclose(unit_to_hu(unit), hu, atol=1e-9)
+    assert unit[0] == 0.0 and unit[-1] == 1.0 and unit[2] == pytest.approx(1024 / 4095)
+    assert hu_to_unit(np.array([-3000.0, 5000.0])).tolist() == [0.0, 1.0]
+    tensor = hu_to_unit(torch.tensor(hu))
+    assert torch.is_tensor(tensor)
+    np.testing.assert_allclose(tensor.numpy(), unit)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 20.0])
+def test_noise_statistics_on_a_flat_path_match_the_poisson_model(sigma):
+    path, i0 = 1.5, 4000.0
+    expected_counts = i0 * math.exp(-path)  # ≈ 892 photons
+    noisy = add_noise(np.full((40, 50, 100), path), i0, electronic_sigma=sigma, seed=3).astype(np.float64)
+    # Delta method: var(-log N) ≈ var(N)/N̄², bias ≈ var(N)/(2 N̄²), with var(N) = N̄ + σ².
+    variance = (expected_counts + sigma ** 2) / expected_counts ** 2
+    assert noisy.var() == pytest.approx(variance, rel=0.03)
+    assert noisy.mean() - path == pytest.approx(variance / 2, abs=4 * math.sqrt(variance / noisy.size))
+
+
+def test_noise_is_seeded_and_clipped_at_one_count():
+    projections = np.linspace(0.0, 12.0, 600).reshape(2, 3, 100)
+    first = add_noise(projections, 1000.0, 5.0, seed=7)
+    assert np.array_equal(first, add_noise(projections, 1000.0, 5.0, seed=7))
+    assert not np.array_equal(first, add_noise(projections, 1000.0, 5.0, seed=8))
+    assert first.dtype == np.float32 and np.all(np.isfinite(first))
+    assert first.max() <= math.log(1000.0) + 1e-6  # N ≥ 1 count: at most log(I0)
+    with pytest.raises(InputError, match="dose"):
+        add_noise(projections, 0.0)
+    with pytest.raises(InputError, match="electronic"):
+        add_noise(projections, 100.0, -1.0)
+
+
+def test_resampling_keeps_extent_and_is_exact_on_linear_ramps():
+    spacing = (2.0, 1.0, 1.5)
+    geometry = VolumeGeometry((10, 16, 12), spacing)
+    centres = geometry.voxel_centres()
+    ramp = lambda pts: 0.3 * pts[..., 0] - 0.2 * pts[..., 1] + 0.7 * pts[..., 2]  # noqa: E731
+    out, new_spacing = resample_volume(ramp(centres), spacing, shape=(20, 8, 18))
+    assert out.shape == (20, 8, 18) and new_spacing == pytest.approx((1.0, 2.0, 1.0))
+    new_centres = VolumeGeometry(out.shape, new_spacing).voxel_centres()
+    # Away from the faces (where align_corners=False clamps) trilinear reproduces a linear function.
+    inner = (slice(2, -2), slice(1, -1), slice(2, -2))
+    np.testing.assert_allclose(out[inner], ramp(new_centres)[inner], atol=1e-4)
+    by_spacing, spacing_b = resample_volume(ramp(centres), spacing, spacing_out=3.0)
+    assert by_spacing.shape == (7, 5, 6) and spacing_b == pytest.approx((20 / 7, 16 / 5, 3.0))
+    same, same_spacing = resample_volume(ramp(centres), spacing)
+    assert same.shape == (10, 16, 12) and same_spacing == spacing
+    with pytest.raises(InputError, match="not both"):
+        resample_volume(ramp(centres), spacing, shape=(4, 4, 4), spacing_out=2.0)
+    with pytest.raises(InputError, match="shape"):
+        resample_volume(ramp(centres), spacing, shape=(4, 4))
+
+
+@pytest.fixture(scope="module")
+def blob_volume():
+    volume = VolumeGeometry((20, 28, 24), (1.5, 1.25, 1.25))
+    blobs = [GaussianBlob((2.0, -3.0, 1.0), np.diag([9.0, 6.0, 5.0]), 0.3),
+             GaussianBlob((-4.0, 3.0, -2.0), np.array([[6.0, 2.0, 0.0], [2.0, 5.0, 1.0], [0.0, 1.0, 4.0]]), 0.2),
+             GaussianBlob((3.0, 5.0, 3.0), np.diag([4.0, 4.0, 9.0]), 0.25)]
+    return volume, blobs, gaussian_volume(blobs, volume)
+
+
+def test_simulated_projections_match_analytic_line_integrals(blob_volume):
+    volume, blobs, unit = blob_volume
+    scan = simulate_scan(unit, volume.dVoxel, 6, input_units="unit", source="blobs")
+    assert isinstance(scan, Scan)
+    assert scan.geometry.nVoxel == volume.nVoxel and scan.geometry.dVoxel == volume.dVoxel
+    assert scan.projections.shape == (6, 20, 28) and scan.projections.dtype == np.float32
+    np.testing.assert_array_equal(scan.ground_truth, unit)
+    exact = gaussian_projections(blobs, scan.geometry)
+    # The projector's interpolation of blobs 2-3 voxels wide errs by about 3 %; a misplaced grid by far more.
+    assert np.linalg.norm(scan.projections - exact) / np.linalg.norm(exact) < 0.045
+    assert scan.meta["source"] == "blobs" and scan.meta["noise"] == {"model": "noiseless"}
+    assert scan.meta["version"] == ctrecon.__version__ and scan.meta["resampling"] is None
+
+
+def test_hu_input_short_arc_noise_and_seed(blob_volume):
+    volume, _, unit = blob_volume
+    hu = unit_to_hu(unit) - 300.0  # some air below -1000 HU: clipped to 0 in unit attenuation
+    arc = math.radians(240)
+    scan = simulate_scan(hu, volume.dVoxel, 5, arc=arc, dose_i0=2e4, electronic_sigma=2.0, seed=5)
+    np.testing.assert_allclose(scan.ground_truth, hu_to_unit(hu), atol=1e-6)
+    assert scan.geometry.arc == pytest.approx(arc) and scan.angles[-1] == pytest.approx(arc)
+    again = simulate_scan(hu, volume.dVoxel, 5, arc=arc, dose_i0=2e4, electronic_sigma=2.0, seed=5)
+    other = simulate_scan(hu, volume.dVoxel, 5, arc=arc, dose_i0=2e4, electronic_sigma=2.0, seed=6)
+    np.testing.assert_array_equal(scan.projections, again.projections)
+    assert not np.array_equal(scan.projections, other.projections)
+    clean = simulate_scan(hu, volume.dVoxel, 5, arc=arc)
+    difference = scan.projections - clean.projections
+    assert 0 < np.abs(difference).mean() < 0.05
+    assert scan.meta["noise"]["model"] == "poisson+gaussian" and scan.meta["noise"]["I0"] == 2e4
+    assert scan.meta["seed"] == 5 and scan.meta["input_units"] == "hu"
+
+
+def test_resampling_in_simulation_and_origin(blob_volume):
+    volume, _, unit = blob_volume
+    scan = simulate_scan(unit, volume.dVoxel, 3, input_units="unit", shape=(10, 14, 12), origin=(10.0, 20.0, 30.0))
+    assert scan.ground_truth.shape == (10, 14, 12) and scan.geometry.dVoxel == pytest.approx((3.0, 2.5, 2.5))
+    # Voxel [0,0,0] of the coarser grid is centred half a new voxel minus half an old one further on.
+    assert scan.meta["origin"] == pytest.approx([10.625, 20.625, 30.75])
+    assert scan.meta["source_shape"] == [20, 28, 24] and scan.meta["resampling"].startswith("trilinear")
+    by_spacing = simulate_scan(unit, volume.dVoxel, 3, input_units="unit", spacing_out=(3.0, 2.5, 2.5))
+    assert by_spacing.ground_truth.shape == (10, 14, 12)
+
+
+@pytest.mark.parametrize("volume, kwargs, message", [
+    (np.random.default_rng(0).uniform(0, 1, (4, 5, 6)), {}, "input_units='unit'"),
+    (np.full((4, 5, 6), 1000.0), {"input_units": "unit"}, "input_units='hu'"),
+    (np.zeros((5, 6)), {}, "3-D"),
+    (np.where(np.eye(6)[None, :5, :] > 0, np.nan, -1000.0) + np.zeros((4, 1, 1)), {}, "NaN"),
+    (np.linspace(-1000, 1000, 120).reshape(4, 5, 6), {"shape": (2, 2, 2), "spacing_out": 2.0}, "not both"),
+    (np.linspace(-1000, 1000, 120).reshape(4, 5, 6), {"n_views": 0}, "views"),
+    (np.linspace(-1000, 1000, 120).reshape(4, 5, 6), {"electronic_sigma": 3.0}, "dose"),
+    (np.linspace(-1000, 1000, 120).reshape(4, 5, 6), {"arc": 7.0}, "arc"),
+    (np.linspace(-1000, 1000, 120).reshape(4, 5, 6), {"input_units": "mu"}, "input_units"),
+    (np.linspace(-1000, 1000, 120).reshape(4, 5, 6), {"DSO": 2.0}, "geometry"),
+])
+def test_bad_input_is_an_input_error(volume, kwargs, message):
+    kwargs = {"n_views": 4, **kwargs}
+    with pytest.raises(InputError, match=message):
+        simulate_scan(volume, 1.0, **kwargs)
