@@ -28,6 +28,16 @@ struct Grid {
   double x0, dx;  // x of voxel column 0 and the spacing: used only for the row interval
 };
 
+inline int64_t floor_index(double f) {
+  const int64_t t = static_cast<int64_t>(f);
+  return t - (static_cast<double>(t) > f);
+}
+
+inline int64_t ceil_index(double f) {
+  const int64_t t = static_cast<int64_t>(f);
+  return t + (static_cast<double>(t) < f);
+}
+
 // Inclusive column range [i0, i1] of row (y, z) that may hold q <= k2, or i0 > i1 if none.
 template <typename scalar_t>
 inline void row_interval(scalar_t pxx, scalar_t b, scalar_t c, double k2, double mx, const Grid& g,
@@ -42,11 +52,11 @@ inline void row_interval(scalar_t pxx, scalar_t b, scalar_t c, double k2, double
   const double half = std::sqrt(std::max(0.0, (k2 - min_q) / a));
   const double centre = mx - bb / a;
   const double f0 = (centre - half - g.x0) / g.dx, f1 = (centre + half - g.x0) / g.dx;
-  // Truncation towards zero then one more voxel each side covers ceil/floor (|f| stays within the grid
-  // plus the box, so the casts cannot overflow after clamping).
+  // Clamped to the grid (plus margin) so that the integer casts are exact floor/ceil; widened by one
+  // voxel each side against rounding.
   const double lim = static_cast<double>(g.X) + 2.0;
-  i0 = std::max<int64_t>(lo, static_cast<int64_t>(std::max(-lim, std::min(lim, f0))) - 2);
-  i1 = std::min<int64_t>(hi, static_cast<int64_t>(std::max(-lim, std::min(lim, f1))) + 2);
+  i0 = std::max<int64_t>(lo, ceil_index(std::max(-lim, std::min(lim, f0))) - 1);
+  i1 = std::min<int64_t>(hi, floor_index(std::max(-lim, std::min(lim, f1))) + 1);
 }
 
 template <typename scalar_t>
@@ -130,20 +140,21 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* means, const scal
           int64_t i0, i1;
           row_interval(pxx, bterm, cterm, k2, static_cast<double>(mx), grid, l[0], h[0], i0, i1);
           const scalar_t* row = item + (z * grid.Y + y) * grid.X;
-          // Row sums of w, w·dx, w·dx² (w = upstream gradient × exp) give every accumulator.
-          double s0 = 0, s1 = 0, s2 = 0;
+          // Row sums of w, w·dx, w·dx² (w = upstream gradient × exp) give every accumulator; rows are
+          // short, so they are summed in the working dtype and the totals in double.
+          scalar_t r0 = 0, r1 = 0, r2 = 0;
           for (int64_t i = i0; i <= i1; ++i) {
             const scalar_t dx = xs[i] - mx;
             const scalar_t q = dx * (pxx * dx + scalar_t(2) * bterm) + cterm;
             if (q <= k2s) {
-              const double w = static_cast<double>(row[i]) * static_cast<double>(std::exp(scalar_t(-0.5) * q));
-              const double dxd = static_cast<double>(dx);
-              s0 += w;
-              s1 += w * dxd;
-              s2 += w * dxd * dxd;
+              const scalar_t w = row[i] * std::exp(scalar_t(-0.5) * q);
+              r0 += w;
+              r1 += w * dx;
+              r2 += w * dx * dx;
             }
           }
-          if (s0 == 0 && s1 == 0) continue;
+          if (r0 == 0 && r1 == 0) continue;
+          const double s0 = r0, s1 = r1, s2 = r2;
           const double dyd = dy, dzd = dz;
           acc_i += s0;
           // grad wrt mu = I Σ w P d; d = (dx, dy, dz)
