@@ -312,31 +312,30 @@ def pretrain(data, config_name, architecture, out, steps, batch, accum, lr, warm
 
 
 def _case_name(scan, scan_path: str) -> str:
-    """Name of the imaged case for reports: meta "case", else the source volume's name, else the file's."""
+    """Name of the imaged case for reports: meta "case", else the source file named in meta "source"
+    (e.g. "NIfTI chest.nii.gz (...)" -> "chest"), else the scan file's stem."""
+    import re
     from pathlib import Path
 
     meta = scan.meta or {}
-    for key in ("case", "source", "source_volume"):
-        value = meta.get(key)
-        if isinstance(value, str) and value:
-            name = Path(value.rstrip("/")).name
-            for suffix in (".nii.gz", ".nii", ".npz", ".npy"):
-                if name.endswith(suffix):
-                    return name[: -len(suffix)]
-            return name
-    return Path(scan_path).stem
+    if isinstance(meta.get("case"), str) and meta["case"]:
+        return meta["case"]
+    match = re.search(r"([^\s/\\]+?)(\.nii\.gz|\.nii|\.npz|\.npy)\b", str(meta.get("source", "")))
+    return match.group(1) if match else Path(scan_path).stem
 
 
 def _write_run(out: str, result, scan, extra: dict) -> None:
-    """RUN/volume.nii.gz (HU), gaussians.npz, config.json, curves.png, then metrics.json (each atomic)."""
+    """RUN/volume.nii.gz (unit attenuation, like `ctrecon fdk`), gaussians.npz, config.json, curves.png,
+    then metrics.json (each atomic)."""
     from .io import save_volume, write_json
     from .report import plot_run_curves
-    from .simulate import unit_to_hu
 
     os.makedirs(out, exist_ok=True)
     grid = scan.geometry.volume
-    corner = grid.voxel_centres()[0, 0, 0]  # (x, y, z) of voxel [0, 0, 0]
-    save_volume(os.path.join(out, "volume.nii.gz"), unit_to_hu(result.volume.numpy()), grid.dVoxel, tuple(corner))
+    origin = scan.meta.get("origin")  # the source volume's patient frame, when the simulation recorded it
+    if not (isinstance(origin, (list, tuple)) and len(origin) == 3):
+        origin = tuple(grid.voxel_centres()[0, 0, 0])  # (x, y, z) of voxel [0, 0, 0] in the scan's frame
+    save_volume(os.path.join(out, "volume.nii.gz"), result.volume.numpy(), grid.dVoxel, origin)
     result.field.save(os.path.join(out, "gaussians.npz"))
     write_json(os.path.join(out, "config.json"), {"init": result.init, **extra, "config": result.config.to_dict()})
     metrics = {**result.to_metrics(), "views": extra["views"], "case": extra["case"]}
@@ -350,6 +349,8 @@ def _write_run(out: str, result, scan, extra: dict) -> None:
               help="Initialiser: fbp (3DGR-CT), r2 (R²-Gaussian) or a registered prior name.")
 @click.option("--init-gaussians", type=click.Path(dir_okay=False), default=None,
               help="Start from this Gaussian file (e.g. from `ctrecon infer`) instead; --init names it.")
+@click.option("--init-option", "init_options", multiple=True, metavar="KEY=VALUE",
+              help="Keyword option of the initialiser (JSON value), e.g. scale_factor=1.0; repeatable.")
 @click.option("--iters", type=int, default=None, help="Iterations [default: 15000].")
 @click.option("--views-per-iter", type=int, default=None, help="Random views per iteration (0: all) [default: 0].")
 @click.option("--eval-every", type=int, default=None, help="Evaluate every E iterations [default: 100].")
@@ -368,12 +369,12 @@ def _write_run(out: str, result, scan, extra: dict) -> None:
 @click.option("--case", default=None, help="Case name recorded for reports [default: from the scan].")
 @click.option("--out", required=True, type=click.Path(), help="Run folder to write.")
 @common_options
-def reconstruct(scan_path, init, init_gaussians, iters, views_per_iter, eval_every, n_gaussians, max_gaussians,
+def reconstruct(scan_path, init, init_gaussians, init_options, iters, views_per_iter, eval_every, n_gaussians, max_gaussians,
                 loss, dssim, tv, coarse_iters, no_densify, stop_at_psnr, stop_at_thresholds, config_path, case,
                 out, device, seed):
     """3DGR-CT: optimise Gaussians against the projections of SCAN (a scan .npz).
 
-    Writes OUT/volume.nii.gz (HU), OUT/gaussians.npz, OUT/config.json, OUT/curves.png and
+    Writes OUT/volume.nii.gz (unit attenuation, as `ctrecon fdk`), OUT/gaussians.npz, OUT/config.json, OUT/curves.png and
     OUT/metrics.json (PSNR/SSIM history against the scan's ground truth, iterations and seconds
     to PSNR 35 dB and SSIM 0.90, evaluation time excluded). Ctrl-C stops and writes what was
     reached (metrics.json says "interrupted": true).
@@ -408,6 +409,15 @@ def reconstruct(scan_path, init, init_gaussians, iters, views_per_iter, eval_eve
                  "n_gaussians": n_gaussians, "max_gaussians": max_gaussians, "loss": loss, "lambda_dssim": dssim,
                  "lambda_tv": tv, "coarse_iterations": coarse_iters, "stop_at_psnr": stop_at_psnr}
     settings.update({k: v for k, v in overrides.items() if v is not None})
+    for item in init_options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--init-option must be KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass  # a plain string
+        settings.setdefault("init_options", {})[key] = value
     if no_densify:
         settings["densify"] = False
     if stop_at_thresholds:
@@ -425,14 +435,18 @@ def reconstruct(scan_path, init, init_gaussians, iters, views_per_iter, eval_eve
     scan = load_scan(scan_path)
     if scan.ground_truth is None:
         click.echo("note: the scan has no ground truth; PSNR/SSIM and thresholds are not computed", err=True)
-    extra = {"scan": os.path.abspath(scan_path), "case": case or _case_name(scan, scan_path),
+    extra = {"scan": os.path.abspath(scan_path), "source": scan.meta.get("source"),
+             "case": case or _case_name(scan, scan_path), "units": "unit attenuation (HU + 1024) / 4095",
              "views": scan.geometry.n_angles, "seed": seed, "device": str(device),
              "init_gaussians": init_gaussians, "geometry": scan.geometry.to_dict(include_angles=False)}
 
-    bar = tqdm(total=config.iterations, desc=f"3DGR-CT ({init})", unit="it", dynamic_ncols=True)
+    bar = None  # created at the first report, so that errors during FDK/initialisation print one line
     postfix = {}
 
     def progress(p):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=config.iterations, desc=f"3DGR-CT ({init})", unit="it", dynamic_ncols=True)
         if p.iteration:
             bar.update(1)
         if p.evaluation is not None and p.evaluation["psnr"] is not None:
@@ -448,7 +462,8 @@ def reconstruct(scan_path, init, init_gaussians, iters, views_per_iter, eval_eve
     except NonFiniteLossError as err:
         failure, result = err, err.result
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     _write_run(out, result, scan, extra)
     final = result.final or {}
     summary = [f"{result.init}: {result.iterations} iterations in {result.wall_seconds:.1f} s "

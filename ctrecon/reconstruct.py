@@ -50,6 +50,7 @@ view order and the split samples.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import time
 from typing import Callable, Optional
@@ -79,6 +80,7 @@ class ReconstructConfig:
 
     iterations: int = 15_000
     n_gaussians: int = 50_000            # initial count (given to the initialiser)
+    init_options: dict = dataclasses.field(default_factory=dict)  # keyword options of the initialiser
     views_per_iter: int = 0              # 0: all views every iteration (3DGR-CT)
     loss: str = "mse"                    # data term: "mse" (3DGR-CT) or "l1" (R²-Gaussian)
     lambda_dssim: float = 0.0            # weight of 1 - SSIM over projection images
@@ -124,6 +126,8 @@ class ReconstructConfig:
         for name in ("intensity_lr", "scale_lr", "rotation_lr", "lambda_dssim", "lambda_tv", "prune_min_intensity"):
             if not _finite(getattr(self, name)) or getattr(self, name) < 0:
                 raise InputError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
+        if not isinstance(self.init_options, dict) or not all(isinstance(k, str) for k in self.init_options):
+            raise InputError(f"init_options must be a dict of keyword options, got {self.init_options!r}")
         if self.loss not in LOSSES:
             raise InputError(f"unknown loss {self.loss!r} (use {', '.join(LOSSES)})")
         if self.ssim_threshold_metric not in SSIM_METRICS:
@@ -355,8 +359,14 @@ def _initial_field(scan, init: str, config: ReconstructConfig, device, generator
             raise InputError(f"init_field must be a GaussianField, got {type(init_field).__name__}")
         return init_field.to(device)
     initializer = get_initializer(init)
+    if config.init_options:  # check the options before the FDK
+        try:
+            inspect.signature(initializer).bind(None, None, None, None, **config.init_options)
+        except TypeError as err:
+            raise InputError(f"initializer {init!r} does not accept init_options {config.init_options}: {err}") from None
     fdk_volume = fdk(scan.projections, scan.geometry, device=device)
-    return initializer(fdk_volume, scan.geometry.volume, config.n_gaussians, generator).to(device)
+    return initializer(fdk_volume, scan.geometry.volume, config.n_gaussians, generator,
+                       **config.init_options).to(device)
 
 
 def reconstruct(scan, *, init: str = "fbp", config: ReconstructConfig | None = None, device="cpu", seed: int = 0,

@@ -102,6 +102,16 @@ def test_non_finite_loss_keeps_the_last_good_state(scan):
         assert torch.equal(param, reference.field.raw_parameters()[name]), name
 
 
+def test_initialiser_options_are_passed_and_checked(scan):
+    config = small_config(iterations=1, init_options={"scale_factor": 1.5})
+    result = reconstruct(scan, config=config, seed=0)
+    assert result.field.metadata["options"]["scale_factor"] == 1.5
+    with pytest.raises(InputError, match="does not accept init_options"):
+        reconstruct(scan, config=small_config(init_options={"bogus": 1}), seed=0)
+    with pytest.raises(InputError, match="unknown initializer 'nope'"):
+        reconstruct(scan, init="nope", config=small_config(), seed=0)
+
+
 def test_keyboard_interrupt_returns_what_was_reached(scan):
     def interrupt(progress):
         if progress.iteration == 7:
@@ -232,6 +242,16 @@ def test_cli_ctrl_c_writes_what_was_reached(scan_file, tmp_path, monkeypatch, ca
     assert "interrupted after 5 iterations" in capsys.readouterr().err
 
 
+def test_case_names_come_from_the_scan_source(scan, tmp_path):
+    from ctrecon.cli import _case_name
+
+    described = Scan(scan.projections, scan.angles, scan.geometry, None,
+                     {"source": "NIfTI chest_lung1.nii.gz (stored RAS, reoriented to LPS)"})
+    assert _case_name(described, "x/scan_v120.npz") == "chest_lung1"
+    bare = Scan(scan.projections, scan.angles, scan.geometry, None, {"source": "array"})
+    assert _case_name(bare, "x/scan_v120.npz") == "scan_v120"
+
+
 def test_cli_bad_input_is_one_line_and_writes_nothing(scan_file, tmp_path, capsys):
     corrupt = tmp_path / "corrupt.npz"
     corrupt.write_bytes(b"not a zip file")
@@ -241,6 +261,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(scan_file, tmp_path, capsy
              (corrupt, ["--out", tmp_path / "r2"]),
              (scan_file, ["--init", "nonsense", "--out", tmp_path / "r3"]),
              (scan_file, ["--iters", 0, "--out", tmp_path / "r4"]),
+             (scan_file, ["--init-option", "bogus=1", "--out", tmp_path / "r5"]),
              (scan_file, ["--out", existing_file])]
     for scan_path, options in cases:
         capsys.readouterr()
