@@ -240,6 +240,10 @@ def fdk(scan, filter_name, out, device, seed):
               help="HU window LOW,HIGH scaled to [0, 1]; 'unit' = -1024,3071 (unit attenuation, the reconstruction prior).")
 @click.option("--loss", default="masked", show_default=True, type=click.Choice(["masked", "zeroed-visible"]),
               help="masked: MSE on masked voxels (paper); zeroed-visible: whole crop vs input with visible patches zeroed (public code).")
+@click.option("--head-init", default="paper", show_default=True, type=click.Choice(["paper", "code"]),
+              help="paper: Xavier heads; code: the public code's N(0, 0.01^2) scale-head weights.")
+@click.option("--intensity-gain", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Multiplies the intensity head (the public code renders 0.1*sigmoid).")
 @click.option("--crop-size", default=None, type=click.IntRange(min=1), help="Crop edge in voxels [default: 96].")
 @click.option("--crops-per-volume", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--cache", default=None, type=click.Path(file_okay=False), help="Folder caching preprocessed volumes.")
@@ -251,9 +255,9 @@ def fdk(scan, filter_name, out, device, seed):
 @click.option("--log-every", default=10, show_default=True, type=click.IntRange(min=0), help="log.csv rows (0: none).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt when it exists.")
 @common_options
-def pretrain(data, config_name, architecture, out, steps, batch, accum, lr, warmup, window, loss, crop_size,
-             crops_per_volume, cache, workers, precision, checkpoint_every, preview_every, log_every, resume,
-             device, seed):
+def pretrain(data, config_name, architecture, out, steps, batch, accum, lr, warmup, window, loss, head_init,
+             intensity_gain, crop_size, crops_per_volume, cache, workers, precision, checkpoint_every, preview_every,
+             log_every, resume, device, seed):
     """Pre-train a MedGMAE / MedGMAE* / voxel-MAE prior on CT volumes.
 
     Writes OUT/prior.pt (weights + metadata, for --prior), OUT/checkpoint.pt (resumable state),
@@ -281,7 +285,8 @@ def pretrain(data, config_name, architecture, out, steps, batch, accum, lr, warm
             raise InputError(f"--window must be LOW,HIGH in HU or 'unit', got {window!r}") from None
         if len(window_hu) != 2:
             raise InputError(f"--window must be LOW,HIGH in HU or 'unit', got {window!r}")
-    overrides = {"loss": loss, **({"crop_size": crop_size} if crop_size else {})}
+    overrides = {"loss": loss, "head_init": head_init, "intensity_gain": intensity_gain,
+                 **({"crop_size": crop_size} if crop_size else {})}
     cfg = model_config(config_name, architecture, **overrides)
     data_cfg = DataConfig(window_hu=window_hu, crops_per_volume=crops_per_volume)
     train_cfg = TrainConfig(steps=steps, batch=batch, accum=accum, lr=lr, warmup_steps=warmup, precision=precision,

@@ -52,7 +52,14 @@ class ModelConfig:
     with visible patches zeroed). ``head_init`` ``"paper"`` is Xavier-uniform for every head,
     ``"code"`` the public code's N(0, 0.01²) scale-head weights. ``intensity_gain`` multiplies the
     intensity head (the public code renders 0.1·sigmoid). ``render`` ``"dense"`` voxelizes the whole
-    crop, ``"points"`` evaluates the masked voxels only (same loss, different cost).
+    crop, ``"points"`` evaluates the masked voxels only (same loss, different cost). Scales never fall
+    below ``min_scale_voxels`` voxels (so every Gaussian reaches a voxel centre and keeps a gradient).
+
+    Initialisation note: the field is a *sum* of K Gaussians. With the paper's heads (Xavier weights,
+    intensity ≈ 0.4, scale ≈ 0.2·max) the query tokens start nearly alike, so the K Gaussians start
+    clustered with a field 10–1000× brighter than CT; on small tests the first optimizer steps then
+    collapse the field to zero, from which it recovers slowly. The public code's variant
+    (``head_init="code"``, ``intensity_gain=0.1``) starts near the data's level and trains from step 1.
     """
 
     architecture: str = "medgmae"
@@ -69,7 +76,7 @@ class ModelConfig:
     mask_ratio: float = 0.75
     n_gaussians: int = 512
     max_scale: float = 0.5
-    min_scale: float = 0.005
+    min_scale_voxels: float = 0.5
     intensity_gain: float = 1.0
     head_init: str = "paper"
     levels: tuple = (3, 16)
@@ -96,7 +103,8 @@ class ModelConfig:
             (0.0 < self.mask_ratio < 1.0 and 1 <= self.n_visible < self.n_patches,
              f"mask_ratio {self.mask_ratio} must leave at least one visible and one masked patch"),
             (self.n_gaussians >= 1, "n_gaussians must be >= 1"),
-            (0.0 < self.min_scale < self.max_scale, "need 0 < min_scale < max_scale"),
+            (0.0 < self.min_scale_voxels / self.crop_size < self.max_scale,
+             "need 0 < min_scale_voxels / crop_size < max_scale"),
             (len(self.levels) == len(self.level_scale_offsets) and all(m >= 1 for m in self.levels),
              "levels and level_scale_offsets must have one positive entry per extra level"),
             (self.loss in ("masked", "zeroed-visible"), "loss must be 'masked' or 'zeroed-visible'"),
@@ -463,7 +471,8 @@ class MedGMAE(nn.Module):
         tokens = self.decode_tokens(crops, mask)
         pos, scale, rot, inten = self.heads(tokens)
         means = torch.sigmoid(pos)
-        scales = cfg.max_scale * torch.sigmoid(scale)
+        floor = cfg.min_scale_voxels / cfg.crop_size
+        scales = floor + (cfg.max_scale - floor) * torch.sigmoid(scale)
         quats = F.normalize(rot, dim=-1)
         intensities = cfg.intensity_gain * torch.sigmoid(inten)
         out = [(means, scales, quats, intensities)]
@@ -472,7 +481,7 @@ class MedGMAE(nn.Module):
             d_pos, d_scale, d_rot, d_int = level(tokens)
             rep = lambda t: t.repeat_interleave(m, dim=1)  # noqa: E731 - parent of each child
             out.append((rep(means) + d_pos * cfg.residual_position,
-                        (rep(scales) + d_scale * cfg.residual_scale - offset).clamp_min(cfg.min_scale),
+                        (rep(scales) + d_scale * cfg.residual_scale - offset).clamp_min(floor),
                         F.normalize(rep(quats) + d_rot * cfg.residual_rotation, dim=-1),
                         rep(intensities) + d_int * cfg.residual_intensity))
         return CropGaussians(*(torch.cat(parts, dim=1) for parts in zip(*out)))
