@@ -2,8 +2,8 @@
 
 Cases: 10k and 50k Gaussians into 96×128×128 and 128³ (the 3DGR-CT loop), and a batch of 8 × 512
 Gaussians into 96³ (the prior's training loss). Gaussians are spread uniformly over the volume with
-σ uniform in [--sigma-min, --sigma-max] voxels and random rotations (3DGR-CT's FBP initialisation
-gives σ of about 0.5–2 voxels).
+σ uniform in [--sigma-min, --sigma-max] voxels (the FBP initialisation gives about 0.5–2 voxels) and
+random rotations; the prior's case uses σ in [2, 6] voxels (512 Gaussians must cover a 96³ crop).
 
     python scripts/bench_render.py                        # compiled CPU kernel and reference
     python scripts/bench_render.py --backends cpu --repeats 10 --json bench.json
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -22,12 +23,13 @@ from ctrecon.gaussians import _cpu
 from ctrecon.gaussians.render import voxelize
 from ctrecon.geometry import VolumeGeometry
 
+# (name, batch, Gaussians per item, grid, σ range in voxels or None for the command-line range)
 CASES = [
-    ("10k -> 96x128x128", 1, 10_000, (96, 128, 128)),
-    ("50k -> 96x128x128", 1, 50_000, (96, 128, 128)),
-    ("10k -> 128^3", 1, 10_000, (128, 128, 128)),
-    ("50k -> 128^3", 1, 50_000, (128, 128, 128)),
-    ("8 x 512 -> 96^3", 8, 512, (96, 96, 96)),
+    ("10k -> 96x128x128", 1, 10_000, (96, 128, 128), None),
+    ("50k -> 96x128x128", 1, 50_000, (96, 128, 128), None),
+    ("10k -> 128^3", 1, 10_000, (128, 128, 128), None),
+    ("50k -> 128^3", 1, 50_000, (128, 128, 128), None),
+    ("8 x 512 -> 96^3", 8, 512, (96, 96, 96), (2.0, 6.0)),
 ]
 
 
@@ -90,16 +92,18 @@ def main(argv=None):
         backends.remove("cpu")
     cases = CASES if args.cases is None else [CASES[int(i)] for i in args.cases.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, σ ∈ [{args.sigma_min}, "
-          f"{args.sigma_max}] voxels, k_sigma 3, float32, medians")
+          f"{args.sigma_max}] voxels unless noted, k_sigma 3, float32, medians; load average "
+          f"{os.getloadavg()[0]:.1f}")
     print(f"{'case':<22}{'backend':<11}{'forward s':>11}{'fwd+bwd s':>11}")
     results = []
     for backend in backends:
         repeats = args.repeats if backend == "cpu" else args.reference_repeats
-        for name, batch, n, shape in cases:
-            fwd, both = run_case(backend, batch, n, shape, (args.sigma_min, args.sigma_max), repeats)
+        for name, batch, n, shape, sigma_range in cases:
+            sigma_range = sigma_range or (args.sigma_min, args.sigma_max)
+            fwd, both = run_case(backend, batch, n, shape, sigma_range, repeats)
             print(f"{name:<22}{backend:<11}{fwd:>11.3f}{both:>11.3f}", flush=True)
             results.append({"case": name, "backend": backend, "batch": batch, "n_gaussians": n,
-                            "shape": list(shape), "forward_s": fwd, "forward_backward_s": both,
+                            "shape": list(shape), "sigma_voxels": list(sigma_range), "forward_s": fwd, "forward_backward_s": both,
                             "repeats": repeats, "threads": torch.get_num_threads()})
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:

@@ -37,6 +37,7 @@ import torch
 
 from ..errors import InputError
 from ..geometry import VolumeGeometry
+from . import _cpu
 
 __all__ = ["voxelize", "voxelize_batch", "render_points", "quaternion_to_rotation", "covariance_matrices",
            "precision_entries", "bounding_half_widths", "DEFAULT_K_SIGMA"]
@@ -331,8 +332,6 @@ def voxelize(means: torch.Tensor, scales: torch.Tensor, quats: torch.Tensor, int
     flat_means = means.reshape(B * N, 3)
     lo, hi = _voxel_boxes(flat_means, half, volume)
     flat_i = intensities.reshape(B * N)
-    from . import _cpu  # local: keeps the compiled backend's machinery out of import time
-
     if _cpu.use_compiled(backend, means):
         out = _cpu.voxelize(flat_means, prec, flat_i, lo, hi, volume, B, k * k)
     else:
