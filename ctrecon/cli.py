@@ -93,6 +93,9 @@ def _create_parent(out) -> None:
               help="Incident photons per detector pixel I0: Poisson noise. Default: noiseless.")
 @click.option("--electronic-noise", "electronic_sigma", default=0.0, show_default=True,
               type=click.FloatRange(min=0), help="Gaussian electronic noise sigma in counts (needs --dose).")
+@click.option("--mu-water", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Attenuation of water in 1/mm, the physical scale of the photon statistics (with --dose) "
+                   "[default: 0.0192, water near 70 keV].")
 @click.option("--shape", default=None, metavar="Z,Y,X", help="Resample the volume to this many voxels (trilinear).")
 @click.option("--spacing", default=None, metavar="MM", help="Resample to this voxel size in mm: one number or DZ,DY,DX.")
 @click.option("--input-units", default="hu", show_default=True, type=click.Choice(["hu", "unit"]),
@@ -100,7 +103,7 @@ def _create_parent(out) -> None:
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Scan file to write (.npz); its folder is created when missing.")
 @common_options
-def simulate(volume, views, arc, dose, electronic_sigma, shape, spacing, input_units, out, device, seed):
+def simulate(volume, views, arc, dose, electronic_sigma, mu_water, shape, spacing, input_units, out, device, seed):
     """Simulate a circular cone-beam scan of a CT volume.
 
     VOLUME is a NIfTI file, a DICOM series folder, or a .npy/.npz array, in HU. The detector is sized
@@ -130,8 +133,9 @@ def simulate(volume, views, arc, dose, electronic_sigma, shape, spacing, input_u
     source = read_volume(volume)
     scan = simulate_scan(source.array, source.spacing, views, arc=math.radians(arc), dose_i0=dose,
                          electronic_sigma=electronic_sigma, shape=shape, spacing_out=spacing,
-                         input_units=input_units, seed=seed, device=device, source=source.description,
-                         origin=source.origin)
+                         input_units=input_units, seed=seed, device=device, source=str(volume),
+                         origin=source.origin, **({} if mu_water is None else {"mu_water": mu_water}))
+    scan.meta["source_description"] = source.description
     _create_parent(out)
     save_scan(out, scan)
     geometry = scan.geometry

@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ._backend import resolve_device
 from .errors import InputError
 from .geometry import TWO_PI, ConeBeamGeometry
 
@@ -203,7 +204,8 @@ def backproject(filtered: torch.Tensor, geometry: ConeBeamGeometry, view_weights
     contributes zero (implemented by clamping r to [-1, V] and c to [-1, U] on a zero-bordered
     detector, which gives the same values). All arithmetic is float32. Memory is bounded by
     processing chunks of views (and z slabs) of at most ``max_elements`` voxel-view pairs (default
-    2²⁰ on CPU, 2²⁴ on GPU); ``progress(done, total)`` is called after each chunk of views.
+    2²¹ on CPU: few, large tensor operations with about 200 MB of temporaries; 2²⁴ on GPU);
+    ``progress(done, total)`` is called after each chunk of views.
     """
     device = filtered.device
     n_views, n_rows, n_columns = filtered.shape
@@ -223,7 +225,7 @@ def backproject(filtered: torch.Tensor, geometry: ConeBeamGeometry, view_weights
     bordered = torch.nn.functional.pad(filtered.to(torch.float32), (1, 2, 1, 2)).reshape(n_views, -1)
 
     if max_elements is None:
-        max_elements = 1 << (24 if device.type == "cuda" else 20)
+        max_elements = 1 << (24 if device.type == "cuda" else 21)
     plane = n_y * n_x
     slab = max(1, min(n_z, max_elements // plane))
     chunk = max(1, min(n_views, max_elements // (slab * plane)))
@@ -261,8 +263,8 @@ def fdk(projections, geometry: ConeBeamGeometry, filter: str = "ram-lak", *, dev
 
     projections: numpy array or torch tensor (line integrals, unit attenuation × mm). geometry: the
     scan's :class:`ConeBeamGeometry` (its volume is the reconstruction grid; ``arc`` < 2π selects
-    Parker short-scan weighting). filter: one of :data:`FILTERS`. device: where to compute (default:
-    the tensor's device, CPU for numpy). ``progress(done_views, total_views)`` reports backprojection.
+    Parker short-scan weighting). filter: one of :data:`FILTERS`. device: where to compute ("auto",
+    "cpu", "cuda", a torch.device; default: the tensor's device, CPU for numpy). ``progress(done_views, total_views)`` reports backprojection.
 
     Not handled: detectors offset so far that part of the object is seen only half the time
     (half-fan scans need extra redundancy weights); the detector should cover the object from every view.
@@ -279,13 +281,12 @@ def fdk(projections, geometry: ConeBeamGeometry, filter: str = "ram-lak", *, dev
 def _as_projection_tensor(projections, geometry: ConeBeamGeometry, device) -> torch.Tensor:
     if torch.is_tensor(projections):
         data = projections.detach()
-        target = torch.device(device) if device is not None else data.device
     else:
         try:
             data = torch.as_tensor(np.asarray(projections, dtype=np.float32))
         except (TypeError, ValueError):
             raise InputError("projections must be a numeric array [A, V, U]") from None
-        target = torch.device(device) if device is not None else torch.device("cpu")
+    target = resolve_device(device) if device is not None else data.device
     if tuple(data.shape) != tuple(geometry.projection_shape):
         raise InputError(f"projections have shape {tuple(data.shape)} but the geometry expects "
                          f"{tuple(geometry.projection_shape)} (views, detector rows, detector columns)")

@@ -2,10 +2,14 @@
 
 Intensity scale (DESIGN.md §2): ``u = (clip(HU, -1024, 3071) + 1024) / 4095`` (air 0, water ≈ 0.25).
 
-Noise model (``dose_i0`` given): each detector pixel receives ``I0`` incident photons; the detected
-count is ``N = Poisson(I0·exp(-p)) + Normal(0, σ_e²)`` (σ_e: electronic noise, in counts), clipped
-at ``N ≥ 1`` (no log of zero), and the noisy line integral is ``-log(N / I0)``. Randomness comes
-from ``numpy.random.default_rng(seed)`` on the CPU, so a seed gives the same scan on every device.
+Noise model (``dose_i0`` given): unit attenuation is not a physical attenuation coefficient, so
+photon statistics use ``μ = κ·u`` with ``κ = μ_water·4095/1024`` (water, u = 1024/4095, gets
+``μ_water``, 0.0192 mm⁻¹ by default: water at an effective energy near 70 keV; air gets 0). A line
+integral p (unit × mm) thus attenuates the beam by ``exp(-κ·p)``. Each detector pixel receives
+``I0`` incident photons; the detected count is ``N = Poisson(I0·exp(-κ·p)) + Normal(0, σ_e²)``
+(σ_e: electronic noise, in counts), clipped at ``N ≥ 1`` (no log of zero), and the noisy line
+integral is ``-log(N / I0) / κ``. Randomness comes from ``numpy.random.default_rng(seed)`` on the
+CPU, so a seed gives the same scan on every device.
 """
 from __future__ import annotations
 
@@ -19,10 +23,11 @@ from ._backend import resolve_device
 from .errors import InputError
 from .geometry import TWO_PI, ConeBeamGeometry, VolumeGeometry
 
-__all__ = ["HU_MIN", "HU_MAX", "hu_to_unit", "unit_to_hu", "resample_volume", "add_noise", "simulate_scan"]
+__all__ = ["HU_MIN", "HU_MAX", "MU_WATER", "hu_to_unit", "unit_to_hu", "resample_volume", "add_noise", "simulate_scan"]
 
 HU_MIN, HU_MAX = -1024.0, 3071.0
 _HU_SPAN = HU_MAX - HU_MIN
+MU_WATER = 0.0192  # mm⁻¹, water at an effective energy near 70 keV
 
 
 def hu_to_unit(hu):
@@ -65,24 +70,30 @@ def resample_volume(volume, spacing, *, shape=None, spacing_out=None) -> tuple:
     return resampled[0, 0].numpy(), new_spacing
 
 
-def add_noise(projections, dose_i0: float, electronic_sigma: float = 0.0, seed: int = 0) -> np.ndarray:
-    """Noisy line integrals ``-log(N / I0)``, ``N = max(1, Poisson(I0·e^{-p}) + Normal(0, σ_e²))`` (float32)."""
+def add_noise(projections, dose_i0: float, electronic_sigma: float = 0.0, seed: int = 0,
+              mu_water: float = MU_WATER) -> np.ndarray:
+    """Noisy line integrals (unit × mm, float32) by the model of the module docstring.
+
+    ``p_noisy = -log(N / I0) / κ`` with ``N = max(1, Poisson(I0·e^{-κp}) + Normal(0, σ_e²))`` and
+    ``κ = mu_water·4095/1024`` (mm⁻¹ per unit attenuation).
+    """
     i0 = _positive_number(dose_i0, "dose (incident photons per pixel)")
+    kappa = _positive_number(mu_water, "mu_water (mm^-1)") * _HU_SPAN / -HU_MIN
     sigma = float(electronic_sigma)
     if not math.isfinite(sigma) or sigma < 0:
         raise InputError(f"electronic noise sigma must be >= 0 counts, got {electronic_sigma}")
     rng = np.random.default_rng(seed)
-    expected = i0 * np.exp(-np.asarray(projections, dtype=np.float64))
+    expected = i0 * np.exp(-kappa * np.asarray(projections, dtype=np.float64))
     counts = rng.poisson(expected).astype(np.float64)
     if sigma > 0:
         counts += rng.normal(0.0, sigma, size=counts.shape)
-    return (-np.log(np.maximum(counts, 1.0) / i0)).astype(np.float32)
+    return (-np.log(np.maximum(counts, 1.0) / i0) / kappa).astype(np.float32)
 
 
 def simulate_scan(volume, spacing, n_views: int, *, arc: float = TWO_PI, dose_i0: Optional[float] = None,
-                  electronic_sigma: float = 0.0, shape=None, spacing_out=None, input_units: str = "hu",
-                  DSO: Optional[float] = None, DSD: Optional[float] = None, seed: int = 0, device="cpu",
-                  projector: Optional[Callable] = None, source: Optional[str] = None, origin=None):
+                  electronic_sigma: float = 0.0, mu_water: float = MU_WATER, shape=None, spacing_out=None,
+                  input_units: str = "hu", DSO: Optional[float] = None, DSD: Optional[float] = None, seed: int = 0,
+                  device="cpu", projector: Optional[Callable] = None, source: Optional[str] = None, origin=None):
     """Simulate a circular cone-beam scan of ``volume`` and return a :class:`ctrecon.io.Scan`.
 
     volume: ``[Z, Y, X]`` numpy array or tensor in HU (``input_units="hu"``) or unit attenuation
@@ -91,7 +102,8 @@ def simulate_scan(volume, spacing, n_views: int, *, arc: float = TWO_PI, dose_i0
     becomes the scan's ground truth. The geometry is ``ConeBeamGeometry.covering`` of the (centred)
     volume with ``n_views`` equally spaced angles over ``arc`` radians (DSO/DSD: defaults of
     ``covering``); projections come from ``projector(geometry)`` (default :class:`ctrecon.projector.Projector`)
-    on ``device``; ``dose_i0`` adds the seeded noise of the module docstring. ``source`` (a
+    on ``device``; ``dose_i0`` (photons per pixel), ``electronic_sigma`` (counts) and ``mu_water``
+    (mm⁻¹) add the seeded noise of the module docstring. ``source`` (a
     description) and ``origin`` ((x, y, z) LPS mm of voxel [0, 0, 0] of the input) go into ``meta``
     so that reconstructions can be written in the source's patient frame.
     """
@@ -121,9 +133,11 @@ def simulate_scan(volume, spacing, n_views: int, *, arc: float = TWO_PI, dose_i0
         projections = projector(geometry)(volume_tensor).detach().cpu().numpy().astype(np.float32)
     noise = {"model": "noiseless"}
     if dose_i0 is not None:
-        projections = add_noise(projections, dose_i0, electronic_sigma, seed)
+        projections = add_noise(projections, dose_i0, electronic_sigma, seed, mu_water)
         noise = {"model": "poisson+gaussian", "I0": float(dose_i0), "electronic_sigma": float(electronic_sigma),
-                 "formula": "-log(max(1, Poisson(I0*exp(-p)) + Normal(0, sigma^2)) / I0)"}
+                 "mu_water_per_mm": float(mu_water),
+                 "formula": "p = -log(max(1, Poisson(I0*exp(-k*p)) + Normal(0, sigma^2)) / I0) / k, "
+                            "k = mu_water*4095/1024"}
     meta = {"source": source or "array", "input_units": input_units, "source_shape": list(data.shape),
             "source_spacing": list(spacing), "shape": list(ground_truth.shape), "spacing": list(new_spacing),
             "resampling": None if ground_truth.shape == data.shape else

@@ -25,13 +25,23 @@ def test_hu_unit_round_trip_and_clipping():
 
 @pytest.mark.parametrize("sigma", [0.0, 20.0])
 def test_noise_statistics_on_a_flat_path_match_the_poisson_model(sigma):
-    path, i0 = 1.5, 4000.0
-    expected_counts = i0 * math.exp(-path)  # ≈ 892 photons
-    noisy = add_noise(np.full((40, 50, 100), path), i0, electronic_sigma=sigma, seed=3).astype(np.float64)
+    path, i0, mu_water = 20.0, 4000.0, 0.02  # unit × mm, photons, mm⁻¹
+    kappa = mu_water * 4095 / 1024
+    expected_counts = i0 * math.exp(-kappa * path)  # ≈ 810 photons
+    noisy = add_noise(np.full((40, 50, 100), path), i0, electronic_sigma=sigma, seed=3, mu_water=mu_water)
+    noisy = noisy.astype(np.float64) * kappa  # back to -log(N / I0)
     # Delta method: var(-log N) ≈ var(N)/N̄², bias ≈ var(N)/(2 N̄²), with var(N) = N̄ + σ².
     variance = (expected_counts + sigma ** 2) / expected_counts ** 2
     assert noisy.var() == pytest.approx(variance, rel=0.03)
-    assert noisy.mean() - path == pytest.approx(variance / 2, abs=4 * math.sqrt(variance / noisy.size))
+    assert noisy.mean() - kappa * path == pytest.approx(variance / 2, abs=4 * math.sqrt(variance / noisy.size))
+
+
+def test_water_gets_the_physical_attenuation_of_water():
+    # 200 mm of water (u = 1024/4095) at μ_water = 0.0192 mm⁻¹ transmits exp(-3.84) of the photons.
+    water_path = 200.0 * 1024 / 4095
+    noisy = add_noise(np.full(200_000, water_path), 1e6, seed=0)
+    transmitted = np.exp(-noisy.astype(np.float64) * 0.0192 * 4095 / 1024)
+    assert transmitted.mean() == pytest.approx(math.exp(-0.0192 * 200.0), rel=2e-3)
 
 
 def test_noise_is_seeded_and_clipped_at_one_count():
@@ -40,11 +50,13 @@ def test_noise_is_seeded_and_clipped_at_one_count():
     assert np.array_equal(first, add_noise(projections, 1000.0, 5.0, seed=7))
     assert not np.array_equal(first, add_noise(projections, 1000.0, 5.0, seed=8))
     assert first.dtype == np.float32 and np.all(np.isfinite(first))
-    assert first.max() <= math.log(1000.0) + 1e-6  # N ≥ 1 count: at most log(I0)
+    assert first.max() <= math.log(1000.0) / (0.0192 * 4095 / 1024) + 1e-4  # N ≥ 1 count: at most log(I0)/κ
     with pytest.raises(InputError, match="dose"):
         add_noise(projections, 0.0)
     with pytest.raises(InputError, match="electronic"):
         add_noise(projections, 100.0, -1.0)
+    with pytest.raises(InputError, match="mu_water"):
+        add_noise(projections, 100.0, mu_water=0.0)
 
 
 def test_resampling_keeps_extent_and_is_exact_on_linear_ramps():
@@ -103,8 +115,10 @@ def test_hu_input_short_arc_noise_and_seed(blob_volume):
     np.testing.assert_array_equal(scan.projections, again.projections)
     assert not np.array_equal(scan.projections, other.projections)
     clean = simulate_scan(hu, volume.dVoxel, 5, arc=arc)
-    difference = scan.projections - clean.projections
-    assert 0 < np.abs(difference).mean() < 0.05
+    kappa = 0.0192 * 4095 / 1024
+    counts = 2e4 * np.exp(-kappa * clean.projections.astype(np.float64))
+    expected_std = np.sqrt(counts + 2.0 ** 2) / counts / kappa  # delta method, per pixel
+    assert ((scan.projections - clean.projections) / expected_std).std() == pytest.approx(1.0, abs=0.1)
     assert scan.meta["noise"]["model"] == "poisson+gaussian" and scan.meta["noise"]["I0"] == 2e4
     assert scan.meta["seed"] == 5 and scan.meta["input_units"] == "hu"
 
