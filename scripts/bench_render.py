@@ -45,12 +45,17 @@ def make_gaussians(batch, n, volume, sigma_range, seed=0):
 
 
 def timed(fn, repeats):
-    times = []
+    """Median wall-clock seconds and median process CPU seconds (all threads) of ``fn``.
+
+    On a shared machine the CPU time is the steadier figure: wall time includes waiting for cores.
+    """
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def run_case(backend, batch, n, shape, sigma_range, repeats):
@@ -94,16 +99,18 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, σ ∈ [{args.sigma_min}, "
           f"{args.sigma_max}] voxels unless noted, k_sigma 3, float32, medians; load average "
           f"{os.getloadavg()[0]:.1f}")
-    print(f"{'case':<22}{'backend':<11}{'forward s':>11}{'fwd+bwd s':>11}")
+    print(f"{'case':<22}{'backend':<11}{'forward s':>11}{'fwd+bwd s':>11}{'fwd cpu-s':>11}{'f+b cpu-s':>11}")
     results = []
     for backend in backends:
         repeats = args.repeats if backend == "cpu" else args.reference_repeats
         for name, batch, n, shape, sigma_range in cases:
             sigma_range = sigma_range or (args.sigma_min, args.sigma_max)
-            fwd, both = run_case(backend, batch, n, shape, sigma_range, repeats)
-            print(f"{name:<22}{backend:<11}{fwd:>11.3f}{both:>11.3f}", flush=True)
+            (fwd, fwd_cpu), (both, both_cpu) = run_case(backend, batch, n, shape, sigma_range, repeats)
+            print(f"{name:<22}{backend:<11}{fwd:>11.3f}{both:>11.3f}{fwd_cpu:>11.3f}{both_cpu:>11.3f}", flush=True)
             results.append({"case": name, "backend": backend, "batch": batch, "n_gaussians": n,
-                            "shape": list(shape), "sigma_voxels": list(sigma_range), "forward_s": fwd, "forward_backward_s": both,
+                            "shape": list(shape), "sigma_voxels": list(sigma_range), "forward_s": fwd,
+                            "forward_backward_s": both, "forward_cpu_s": fwd_cpu,
+                            "forward_backward_cpu_s": both_cpu,
                             "repeats": repeats, "threads": torch.get_num_threads()})
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
