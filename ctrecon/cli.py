@@ -265,6 +265,7 @@ def pretrain(data, config_name, architecture, out, steps, batch, accum, lr, warm
     """Pre-train a MedGMAE / MedGMAE* / voxel-MAE prior on CT volumes.
 
     Writes OUT/prior.pt (weights + metadata, for --prior), OUT/checkpoint.pt (resumable state),
+    OUT/encoder_monai.pt (the encoder for MONAI ViT/UNETR),
     OUT/log.csv, OUT/previews/*.png and OUT/config.json. Several GPUs: launch with torchrun.
 
     \b

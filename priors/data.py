@@ -192,7 +192,9 @@ class VolumeStore:
         threshold = (self.config.foreground_threshold_hu - lo) / (hi - lo)
         lattice = unit[::_CANDIDATE_STRIDE, ::_CANDIDATE_STRIDE, ::_CANDIDATE_STRIDE]
         foreground = lattice > threshold
-        entry = (unit, np.argwhere(foreground) * _CANDIDATE_STRIDE, np.argwhere(~foreground) * _CANDIDATE_STRIDE)
+        # int16 coordinates: a 300×300×200 volume keeps ~13 MB of candidates per worker
+        entry = (unit, (np.argwhere(foreground) * _CANDIDATE_STRIDE).astype(np.int16),
+                 (np.argwhere(~foreground) * _CANDIDATE_STRIDE).astype(np.int16))
         self._memory[index] = entry
         while len(self._memory) > self.memory_items:
             self._memory.popitem(last=False)
@@ -206,7 +208,8 @@ def sample_crop(volume: np.ndarray, foreground: np.ndarray, background: np.ndarr
     voxel, shifted inside the volume; a volume smaller than the crop is zero-padded (centred) first."""
     pick_foreground = rng.random() < positive_fraction
     candidates = foreground if (pick_foreground and len(foreground)) or not len(background) else background
-    centre = candidates[rng.integers(len(candidates))] if len(candidates) else np.array(volume.shape) // 2
+    centre = candidates[rng.integers(len(candidates))].astype(np.int64) if len(candidates) else \
+        np.array(volume.shape) // 2
     pads = [max(0, size - n) for n in volume.shape]
     if any(pads):
         volume = np.pad(volume, [(p // 2, p - p // 2) for p in pads])

@@ -488,8 +488,11 @@ class MedGMAE(nn.Module):
 
     def loss_from_gaussians(self, gaussians: CropGaussians, crops: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Reconstruction loss of rendered ``gaussians`` against ``crops`` (float32 rendering)."""
+        with torch.autocast(crops.device.type, enabled=False):  # rendering stays float32 under AMP
+            return self._rendering_loss(gaussians.float(), crops.float(), mask)
+
+    def _rendering_loss(self, gaussians: CropGaussians, crops: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        crops = crops.float()
         if cfg.render == "points":
             centres = _voxel_centres(cfg.crop_size, crops.device)
             voxel_mask = patch_mask_to_voxels(mask, cfg.patch_size, cfg.grid)[:, 0]

@@ -9,6 +9,7 @@ the run's data, masks and so its loss curve do not depend on the number of proce
 
 Output folder: ``checkpoint.pt`` (resumable training state: model, optimizer, scheduler, scaler,
 step, per-process RNG states, data order), ``prior.pt`` (weights + metadata, what ``--prior`` takes),
+``encoder_monai.pt`` (the encoder for MONAI's ViT/UNETR, see :func:`priors.checkpoints.export_encoder`),
 ``log.csv`` (step, loss, lr, seconds, samples/s), ``previews/step_NNNNNNN.png`` (input, visible
 patches and reconstruction of a fixed crop), ``config.json``. Checkpoints are written atomically every
 ``checkpoint_every`` steps and at the end; a run resumed from step s reproduces the uninterrupted one.
@@ -29,7 +30,7 @@ from torch import nn
 
 from ctrecon.errors import InputError
 
-from .checkpoints import load_state, prior_metadata, save_prior, save_state
+from .checkpoints import export_encoder, load_state, prior_metadata, save_prior, save_state
 from .data import CropDataset, DataConfig, StepBatches, describe_volumes, find_volumes
 from .model import ModelConfig, build_model, random_patch_mask
 
@@ -317,6 +318,7 @@ def _train(ctx, files, description, out, model_cfg, data_cfg, train_cfg, resume,
                                                         "crops_per_volume": data_cfg.crops_per_volume}},
                        metadata(step))
             save_prior(prior_path, model, metadata(step))
+            export_encoder(model, out / "encoder_monai.pt", metadata(step))
 
     model.train()
     batches = iter(loader)

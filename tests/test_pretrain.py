@@ -85,6 +85,7 @@ def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_one(volume_fol
     assert meta["training"]["steps"] == 4 and meta["training_data"]["n_volumes"] == 1
     assert meta["intensity_window_hu"] == [-175.0, 250.0] and meta["voxel_spacing_mm"] == [1.5] * 3
     assert [p.name for p in (tmp_path / "full" / "previews").glob("*.png")] == ["step_0000004.png"]
+    assert read_metadata(tmp_path / "full" / "encoder_monai.pt")["monai_vit_kwargs"]["hidden_size"] == 96
 
 
 def _free_port() -> int:
