@@ -2,13 +2,15 @@
 
 Nothing is compiled at import: the first CPU :func:`render.voxelize` call builds the extension with
 ``torch.utils.cpp_extension.load`` (cached by torch under ``TORCH_EXTENSIONS_DIR``). If the build
-fails, :func:`use_compiled` answers False and the PyTorch reference is used; ``build_error()`` says why.
-``CTRECON_FORCE_REFERENCE=1`` forces the reference for ``backend="auto"``.
+fails, a warning is issued once, :func:`use_compiled` answers False and the PyTorch reference is used;
+``build_error()`` says why.
+``CTRECON_FORCE_REFERENCE`` set (to anything but 0) forces the reference for ``backend="auto"``.
 """
 from __future__ import annotations
 
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,7 +34,9 @@ def _load():
                                         extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
                                         verbose=False)
             except Exception as err:  # any build/load failure means: use the reference
-                _state["error"] = f"{type(err).__name__}: {err}"
+                _state["error"] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+                warnings.warn(f"ctrecon: could not build the compiled CPU voxelizer ({_state['error']}); "
+                              "using the slower PyTorch reference", RuntimeWarning, stacklevel=4)
         return _state["module"]
 
 
@@ -59,7 +63,7 @@ def use_compiled(backend: str, like: torch.Tensor) -> bool:
         if not available():
             raise RuntimeError(f"the compiled CPU voxelizer could not be built: {build_error()}")
         return True
-    if not suitable or os.environ.get("CTRECON_FORCE_REFERENCE") == "1":
+    if not suitable or os.environ.get("CTRECON_FORCE_REFERENCE", "") not in ("", "0"):
         return False
     return available()
 
