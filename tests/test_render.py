@@ -204,6 +204,15 @@ def test_force_reference_environment(monkeypatch):
     assert not _cpu.use_compiled("auto", torch.zeros(1))
 
 
+def test_failed_build_falls_back_to_the_reference(monkeypatch):
+    monkeypatch.setattr(_cpu, "_state", {"tried": True, "module": None, "error": "no compiler"})
+    params = random_gaussians(5, dtype=torch.float32)
+    assert not _cpu.use_compiled("auto", params[0])
+    torch.testing.assert_close(voxelize(*params, VOLUME), voxelize(*params, VOLUME, backend="reference"))
+    with pytest.raises(RuntimeError, match="no compiler"):
+        voxelize(*params, VOLUME, backend="cpu")
+
+
 def test_bad_inputs_raise_input_error():
     means, scales, quats, intens = random_gaussians(3)
     with pytest.raises(InputError, match="scales"):
