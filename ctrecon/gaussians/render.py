@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from ..errors import InputError
