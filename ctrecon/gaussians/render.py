@@ -22,7 +22,9 @@ Batches: parameters ``[B, N, ...]`` render into ``[B, Z, Y, X]`` (Gaussians of i
 b); :func:`voxelize_batch` is the same call spelled out for readers of the prior's code.
 
 Backends: a compiled C++/OpenMP CPU kernel (``ctrecon/csrc/voxelize_cpu.cpp``, built lazily on first
-use, see :mod:`ctrecon.gaussians._cpu`) for CPU tensors of :func:`voxelize`; everywhere else, and
+use, see :mod:`ctrecon.gaussians._cpu`) for CPU tensors of :func:`voxelize`; the tile-based CUDA kernels
+(``cuda/voxelize.cu``, see :mod:`ctrecon._cuda`) for CUDA float32 tensors of :func:`voxelize` (backend
+"auto") and :func:`render_points`; everywhere else, and
 when ``CTRECON_FORCE_REFERENCE=1`` or the build fails, the pure-PyTorch reference below, which is
 the oracle of the tests. Memory is bounded by processing (Gaussian, voxel) pairs in chunks of
 ``chunk_size`` elements; no N_gaussians × N_voxels tensor is ever formed. The backward pass
@@ -34,6 +36,7 @@ import math
 
 import torch
 
+from .. import _cuda
 from ..errors import InputError
 from ..geometry import VolumeGeometry
 from . import _cpu
@@ -206,6 +209,7 @@ class _PointPairs:
         per_item = int(ncell.prod())
         cell_of = self._cell_index(flat_points).clamp(min=0)
         cell_of = torch.minimum(cell_of, ncell - 1)
+        self.cell_of = cell_of  # [B·M, 3]: each point's cell (x, y, z), also the CUDA path's lattice
         key = (torch.arange(B, device=device).repeat_interleave(M) * per_item
                + (cell_of[:, 2] * ncell[1] + cell_of[:, 1]) * ncell[0] + cell_of[:, 0])
         self.order = torch.argsort(key)
@@ -331,7 +335,10 @@ def voxelize(means: torch.Tensor, scales: torch.Tensor, quats: torch.Tensor, int
     flat_means = means.reshape(B * N, 3)
     lo, hi = _voxel_boxes(flat_means, half, volume)
     flat_i = intensities.reshape(B * N)
-    if _cpu.use_compiled(backend, means):
+    kernels = _cuda.kernels_for(means.device, means.dtype) if backend == "auto" else None
+    if kernels is not None:
+        out = _cuda.voxelize(kernels, flat_means, prec, flat_i, lo, hi, volume, B, k * k)
+    elif _cpu.use_compiled(backend, means):
         out = _cpu.voxelize(flat_means, prec, flat_i, lo, hi, volume, B, k * k)
     else:
         pairs = _GridPairs(flat_means, lo, hi, volume, max(N, 1), int(chunk_size))
@@ -354,7 +361,7 @@ def render_points(means: torch.Tensor, scales: torch.Tensor, quats: torch.Tensor
     """Field values at arbitrary points: ``[M, 3]`` → ``[M]`` or, batched, ``[B, M, 3]`` → ``[B, M]``.
 
     Parameters as in :func:`voxelize`; same semantics (e.g. the masked voxel centres of a crop). The
-    points are data: no gradient flows to them. Pure PyTorch on every device.
+    points are data: no gradient flows to them. CUDA kernels for CUDA float32 tensors, else PyTorch.
     """
     (means, scales, quats, intensities), batched = _batched_parameters(means, scales, quats, intensities)
     k = _check_k_sigma(k_sigma)
@@ -371,7 +378,11 @@ def render_points(means: torch.Tensor, scales: torch.Tensor, quats: torch.Tensor
     prec = precision_entries(scales, quats).reshape(B * N, 6)
     half = bounding_half_widths(scales.detach(), quats.detach(), k).reshape(B * N, 3)
     flat_means = means.reshape(B * N, 3)
-    pairs = _PointPairs(flat_means, half, points, N, int(chunk_size))
-    out = _ReferenceSum.apply(flat_means, prec, intensities.reshape(B * N), pairs, B * M, k * k)
+    kernels = _cuda.kernels_for(means.device, means.dtype)
+    if kernels is not None:
+        out = _cuda.render_points(kernels, flat_means, prec, intensities.reshape(B * N), half, points, N, k * k)
+    else:
+        pairs = _PointPairs(flat_means, half, points, N, int(chunk_size))
+        out = _ReferenceSum.apply(flat_means, prec, intensities.reshape(B * N), pairs, B * M, k * k)
     out = out.reshape(B, M)
     return out if batched else out[0]
