@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from . import _cuda
 from ._backend import resolve_device
 from .errors import InputError
 from .geometry import TWO_PI, ConeBeamGeometry
@@ -205,7 +206,8 @@ def backproject(filtered: torch.Tensor, geometry: ConeBeamGeometry, view_weights
     detector, which gives the same values). All arithmetic is float32. Memory is bounded by
     processing chunks of views (and z slabs) of at most ``max_elements`` voxel-view pairs (default
     2²¹ on CPU: few, large tensor operations with about 200 MB of temporaries; 2²⁴ on GPU);
-    ``progress(done, total)`` is called after each chunk of views.
+    ``progress(done, total)`` is called after each chunk of views. CUDA tensors go through the kernel of
+    ``cuda/fdk.cu`` (same sums, all views in one pass, progress reported once; see :mod:`ctrecon._cuda`).
     """
     device = filtered.device
     n_views, n_rows, n_columns = filtered.shape
@@ -220,6 +222,13 @@ def backproject(filtered: torch.Tensor, geometry: ConeBeamGeometry, view_weights
     weights = torch.as_tensor(view_weights).to(**f32)
     (dv, du), (ov, ou) = geometry.dDetector, geometry.offDetector
     dso, dsd = float(geometry.DSO), float(geometry.DSD)
+    kernels = _cuda.kernels_for(device)
+    if kernels is not None:
+        out = _cuda.fdk_backproject(kernels, filtered.to(torch.float32), xs, ys, zs, cos, sin, weights,
+                                    (dso, dsd, du, dv, ou, ov))
+        if progress is not None:
+            progress(n_views, n_views)
+        return out
     # Zero border: one pixel before, two after, so that clamped indices and their +1 neighbours read zeros.
     width = n_columns + 3
     bordered = torch.nn.functional.pad(filtered.to(torch.float32), (1, 2, 1, 2)).reshape(n_views, -1)
