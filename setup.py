@@ -30,6 +30,7 @@ setup(
         "matplotlib>=3.6",
         "ninja>=1.11",
     ],
-    extras_require={"test": ["pytest>=7", "scikit-image>=0.21"]},
+    # monai + einops: the encoder-export test loads our weights into MONAI's ViT/UNETR (an independent check).
+    extras_require={"test": ["pytest>=7", "scikit-image>=0.21", "monai>=1.4", "einops>=0.7"]},
     entry_points={"console_scripts": ["ctrecon=ctrecon.cli:main"]},
 )
