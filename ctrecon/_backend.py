@@ -1,6 +1,13 @@
 """Device selection and lazy loading of compiled kernels; the torch reference is used where they are absent."""
 from __future__ import annotations
 
+import hashlib
+import os
+import sys
+import threading
+import warnings
+from typing import Sequence
+
 import torch
 
 from .errors import InputError
@@ -20,3 +27,62 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise InputError(f"unsupported device {name!r} (use auto, cpu or cuda)")
     return dev
+
+
+class LazyExtension:
+    """A C++ extension built from ``ctrecon/csrc`` with ``torch.utils.cpp_extension.load`` on first use.
+
+    Nothing is compiled at import time. The build is cached in ``$TORCH_EXTENSIONS_DIR`` when set,
+    else in ``~/.cache/ctrecon/extensions`` (``$XDG_CACHE_HOME`` honoured), under a name that hashes
+    the sources, flags and torch/python versions, so a later run loads it in well under a second.
+    ``CTRECON_FORCE_REFERENCE=1`` disables it. A failed build (no compiler, bad toolchain) warns once
+    and :meth:`get` then returns None: callers fall back to the torch reference.
+    """
+
+    def __init__(self, name: str, sources: Sequence[str], extra_cflags: Sequence[str] = ("-O3",)):
+        self.name = name
+        self.sources = [os.path.join(_CSRC, s) for s in sources]
+        self.extra_cflags = list(extra_cflags)
+        self._module = None
+        self._failed = False
+        self._lock = threading.Lock()
+
+    def get(self):
+        """The loaded module, or None (forced reference, or the build failed)."""
+        if os.environ.get("CTRECON_FORCE_REFERENCE", "") not in ("", "0"):
+            return None
+        if self._module is not None or self._failed:
+            return self._module
+        with self._lock:
+            if self._module is None and not self._failed:
+                try:
+                    self._module = self._build()
+                except Exception as err:  # any toolchain failure means "use the reference"
+                    self._failed = True
+                    reason = " ".join(str(err).split())[:300] or type(err).__name__
+                    warnings.warn(f"ctrecon: could not build the compiled {self.name} ({reason}); "
+                                  "using the slower PyTorch reference", RuntimeWarning, stacklevel=3)
+        return self._module
+
+    def _build(self):
+        from torch.utils import cpp_extension
+
+        digest = hashlib.sha1()
+        for path in self.sources:
+            with open(path, "rb") as handle:
+                digest.update(handle.read())
+        digest.update(" ".join([*self.extra_cflags, torch.__version__, sys.version]).encode())
+        module_name = f"ctrecon_{self.name}_{digest.hexdigest()[:12]}"
+        build_directory = None
+        if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+            cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+            build_directory = os.path.join(cache, "ctrecon", "extensions", module_name)
+            os.makedirs(build_directory, exist_ok=True)
+        return cpp_extension.load(name=module_name, sources=self.sources, extra_cflags=self.extra_cflags,
+                                  build_directory=build_directory, verbose=False)
+
+
+_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+
+#: Joseph forward / adjoint projector for CPU tensors (ctrecon/csrc/projector.cpp).
+cpu_projector = LazyExtension("cpu_projector", ["projector.cpp"])
