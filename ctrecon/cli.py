@@ -353,12 +353,28 @@ def _write_run(out: str, result, scan, extra: dict) -> None:
     write_json(os.path.join(out, "metrics.json"), metrics)
 
 
+PRIOR_INITS = ("medgmae", "medgmae-star")
+
+
+def _register_priors(prior, init: str):
+    """Register the prior initialisers (importing ``priors`` lazily, DESIGN §3); returns the prior file
+    ``init`` will use (``prior``, or the shipped one)."""
+    from priors.zero_shot import register_prior_initializers, shipped_prior_path
+
+    register_prior_initializers(prior)
+    return str(prior if prior is not None else shipped_prior_path(init))
+
+
 @cli.command()
 @click.argument("scan_path", metavar="SCAN", type=click.Path(dir_okay=False))
 @click.option("--init", "init", default="fbp", show_default=True,
-              help="Initialiser: fbp (3DGR-CT), r2 (R²-Gaussian) or a registered prior name.")
+              help="Initialiser: fbp (3DGR-CT), r2 (R²-Gaussian), medgmae / medgmae-star (zero-shot prior, "
+                   "see --prior) or another registered name.")
 @click.option("--init-gaussians", type=click.Path(dir_okay=False), default=None,
               help="Start from this Gaussian file (e.g. from `ctrecon infer`) instead; --init names it.")
+@click.option("--prior", type=click.Path(dir_okay=False), default=None,
+              help="Prior checkpoint for --init medgmae / medgmae-star (a prior.pt of `ctrecon pretrain`) "
+                   "[default: the shipped prior in data/priors/].")
 @click.option("--init-option", "init_options", multiple=True, metavar="KEY=VALUE",
               help="Keyword option of the initialiser (JSON value), e.g. scale_factor=1.0; repeatable.")
 @click.option("--iters", type=int, default=None, help="Iterations [default: 15000].")
@@ -379,7 +395,7 @@ def _write_run(out: str, result, scan, extra: dict) -> None:
 @click.option("--case", default=None, help="Case name recorded for reports [default: from the scan].")
 @click.option("--out", required=True, type=click.Path(), help="Run folder to write.")
 @common_options
-def reconstruct(scan_path, init, init_gaussians, init_options, iters, views_per_iter, eval_every, n_gaussians, max_gaussians,
+def reconstruct(scan_path, init, init_gaussians, prior, init_options, iters, views_per_iter, eval_every, n_gaussians, max_gaussians,
                 loss, dssim, tv, coarse_iters, no_densify, stop_at_psnr, stop_at_thresholds, config_path, case,
                 out, device, seed):
     """3DGR-CT: optimise Gaussians against the projections of SCAN (a scan .npz).
@@ -393,6 +409,7 @@ def reconstruct(scan_path, init, init_gaussians, init_options, iters, views_per_
     Examples:
       ctrecon reconstruct scan.npz --init fbp --iters 15000 --out run/
       ctrecon reconstruct scan.npz --iters 3000 --views-per-iter 10 --stop-at-psnr 35 --out run_fast/
+      ctrecon reconstruct scan.npz --init medgmae-star --prior ckpt/prior.pt --out run_prior/
     """
     import json
 
@@ -434,8 +451,12 @@ def reconstruct(scan_path, init, init_gaussians, init_options, iters, views_per_
         settings["stop_at_thresholds"] = True
     config = ReconstructConfig.from_dict(settings)
     init_field = None
+    if prior is not None and (init not in PRIOR_INITS or init_gaussians is not None):
+        raise InputError(f"--prior is for --init {' or '.join(PRIOR_INITS)} (without --init-gaussians)")
     if init_gaussians is not None:
         init_field = GaussianField.load(init_gaussians)
+    elif init in PRIOR_INITS:
+        prior = _register_priors(prior, init)
     elif init not in available_initializers():
         try:  # priors register their initialisers on import
             import priors  # noqa: F401
@@ -448,7 +469,8 @@ def reconstruct(scan_path, init, init_gaussians, init_options, iters, views_per_
     extra = {"scan": os.path.abspath(scan_path), "source": scan.meta.get("source"),
              "case": case or _case_name(scan, scan_path), "units": "unit attenuation (HU + 1024) / 4095",
              "views": scan.geometry.n_angles, "seed": seed, "device": str(device),
-             "init_gaussians": init_gaussians, "geometry": scan.geometry.to_dict(include_angles=False)}
+             "init_gaussians": init_gaussians, "prior": prior,
+             "geometry": scan.geometry.to_dict(include_angles=False)}
 
     bar = None  # created at the first report, so that errors during FDK/initialisation print one line
     postfix = {}
@@ -513,6 +535,239 @@ def report(runs, out, device, seed):
     result = build_report(runs, out)
     click.echo(result["markdown_table"])
     click.echo(f"\nwrote {out}/ (report.md, table.csv, curves.png, stats.json)")
+
+
+@cli.command()
+@click.argument("volume", type=click.Path(dir_okay=True))
+@click.option("--prior", default=None, type=click.Path(dir_okay=False),
+              help="Prior checkpoint (a prior.pt of `ctrecon pretrain`) [default: the shipped MedGMAE* prior].")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Gaussian file to write (.npz).")
+@click.option("--render", default=None, type=click.Path(dir_okay=False),
+              help="Also write the field rendered on the volume's grid (.nii.gz/.nii, in the input's units).")
+@click.option("--levels", default="all", show_default=True, type=click.Choice(["all", "first"]),
+              help="all: every MedGMAE* level; first: level 0 only (MedGMAE).")
+@click.option("--overlap", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Window overlap (fraction of a window); > 0 blends overlapping windows.")
+@click.option("--no-resample", is_flag=True, help="Cut windows at the volume's own spacing, not the prior's.")
+@click.option("--input-units", default="hu", show_default=True, type=click.Choice(["hu", "unit"]),
+              help="Volume values: HU, or unit attenuation (e.g. the output of `ctrecon fdk`).")
+@click.option("--frame", default="scan", show_default=True, type=click.Choice(["scan", "patient"]),
+              help="Gaussian coordinates: scan = volume centred at the origin (the frame of `ctrecon simulate` "
+                   "scans and `reconstruct --init-gaussians`); patient = the file's LPS frame.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Windows per forward pass.")
+@common_options
+def infer(volume, prior, out, render, levels, overlap, no_resample, input_units, frame, batch_size, device, seed):
+    """Zero-shot Gaussians of a volume with a MedGMAE / MedGMAE* prior.
+
+    The volume is windowed to the prior's intensity window, resampled to its voxel spacing, cut into
+    windows of its crop size, and every window's Gaussians are mapped to world mm and stitched into one
+    field (unit attenuation), written as a ctrecon Gaussian file (.npz, for `reconstruct --init-gaussians`).
+
+    \b
+    Examples:
+      ctrecon infer ct.nii.gz --out gaussians.npz --render rendered.nii.gz
+      ctrecon infer fdk.nii.gz --input-units unit --prior ckpt/prior.pt --levels first --out g.npz
+      ctrecon infer dicom_folder/ --overlap 0.5 --frame patient --out g.npz
+    """
+    import time
+
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from priors.zero_shot import (ZeroShotConfig, infer_field, load_zero_shot_prior, shipped_prior_path,
+                                  to_prior_window)
+    from .geometry import VolumeGeometry
+    from .io import read_volume, save_volume
+    from .metrics import psnr
+    from .simulate import hu_to_unit, unit_to_hu
+
+    out = _checked_output(out, (".npz",), "Gaussian")
+    if render is not None:
+        render = _checked_output(render, (".nii.gz", ".nii"), "NIfTI")
+    prior = prior if prior is not None else shipped_prior_path("medgmae-star")
+    config = ZeroShotConfig(levels=levels, overlap=overlap, resample=not no_resample, batch_size=batch_size)
+    source = read_volume(volume)
+    model, meta = load_zero_shot_prior(prior, device)
+    unit = source.array if input_units == "unit" else hu_to_unit(source.array)
+    offset = (0.0, 0.0, 0.0)
+    if frame == "patient":  # centre of the volume in the file's LPS frame, (z, y, x)
+        offset = tuple(o + (n - 1) / 2 * d for o, n, d in zip(source.origin[::-1], source.array.shape, source.spacing))
+    grid = VolumeGeometry(source.array.shape, source.spacing, offset)
+    start = time.perf_counter()
+    with tqdm(desc="zero-shot windows", unit="window", disable=None, leave=False) as bar:
+        def progress(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+
+        field = infer_field(torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float32)), grid, model, meta, config,
+                            device=device, progress=progress)
+    seconds = time.perf_counter() - start
+    field.metadata.update(source=source.description, frame=frame, prior_file=str(prior))
+    _create_parent(out)
+    field.save(out)
+    windows, counts = field.metadata["windows"], field.metadata["gaussians"]
+    click.echo(f"{source.description}: {_shape_text(source.array.shape)} voxels at {_shape_text(source.spacing, '.3g')} mm")
+    click.echo(f"{meta['architecture']} prior ({'all levels' if config.levels == 'all' else 'level 0'}, "
+               f"crop {meta['crop_size'][0]} at {_shape_text(meta['voxel_spacing_mm'], '.3g')} mm): "
+               f"{windows['inferred']} of {windows['total']} windows inferred (the rest empty), "
+               f"{counts['kept']} Gaussians kept of {counts['produced']}, {seconds:.1f} s on {device}")
+    if render is not None:
+        with torch.no_grad():
+            rendered = field.render(grid).cpu()
+        lo, hi = meta["intensity_window_hu"]
+        target = to_prior_window(torch.from_numpy(np.asarray(unit, dtype=np.float32)), (lo, hi)) * ((hi - lo) / 4095.0)
+        _create_parent(render)
+        save_volume(render, rendered.numpy() if input_units == "unit" else unit_to_hu(rendered.numpy()),
+                    source.spacing, source.origin)
+        click.echo(f"rendered field vs the volume in the prior's window: PSNR {psnr(rendered, target):.2f} dB "
+                   f"(unit attenuation, data range 1); wrote {render}")
+    click.echo(f"wrote {out} ({len(field)} Gaussians, world mm, {frame} frame)")
+
+
+def _benchmark_events(echo):
+    """tqdm progress for :func:`ctrecon.benchmark.run_benchmark` events (one bar per run)."""
+    from tqdm import tqdm
+
+    state = {"bar": None, "postfix": {}}
+
+    def handle(event):
+        if event.kind == "run_start":
+            state["bar"], state["postfix"] = None, {}
+        elif event.kind == "iteration":
+            p = event.progress
+            if state["bar"] is None:
+                state["bar"] = tqdm(total=p.iterations, desc=f"{event.case} {event.views} views {event.init}",
+                                    unit="it", dynamic_ncols=True, leave=False, disable=None)
+            if p.iteration:
+                state["bar"].update(1)
+            if p.evaluation is not None and p.evaluation["psnr"] is not None:
+                state["postfix"].update(psnr=f"{p.evaluation['psnr']:.2f}", ssim=f"{p.evaluation['ssim_slice']:.3f}")
+                state["bar"].set_postfix(state["postfix"], refresh=False)
+        elif event.kind == "run_end":
+            if state["bar"] is not None:
+                state["bar"].close()
+            r = event.result
+            final = f", final PSNR {r.final['psnr']:.2f} dB" if r.final else ""
+            echo(f"{event.case} {event.views} views {event.init}: {r.iterations} iterations in "
+                 f"{r.wall_seconds:.1f} s (+{r.init_seconds:.1f} s init){final} -> {event.path}")
+        elif event.kind == "scan":
+            echo(f"simulated {event.case} at {event.views} views -> {event.path}")
+
+    return handle
+
+
+def _prior_files(inits, prior) -> dict:
+    """Register the prior initialisers when ``inits`` use them; init name → prior file."""
+    used = [init for init in inits if init in PRIOR_INITS]
+    if prior is not None and not used:
+        raise InputError(f"--prior is for the inits {' and '.join(PRIOR_INITS)}")
+    return {init: _register_priors(prior, init) for init in used}
+
+
+@cli.command()
+@click.argument("cases", nargs=-1, required=True, type=click.Path(dir_okay=True))
+@click.option("--views", default="80,120,160", show_default=True, help="View counts, comma-separated.")
+@click.option("--inits", default="fbp,medgmae,medgmae-star", show_default=True,
+              help="Initialisations, comma-separated (fbp, r2, medgmae, medgmae-star).")
+@click.option("--iters", type=click.IntRange(min=1), default=None, help="Iterations per run [default: 15000].")
+@click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Evaluate every E iterations [default: 100].")
+@click.option("--views-per-iter", type=click.IntRange(min=0), default=None,
+              help="Random views per iteration (0: all) [default: 0].")
+@click.option("--n-gaussians", type=click.IntRange(min=1), default=None,
+              help="Initial Gaussians (fbp/r2; a cap for the priors) [default: 50000].")
+@click.option("--stop-at-thresholds", is_flag=True, help="Stop each run once PSNR 35 dB and SSIM 0.90 are reached.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="JSON file of ReconstructConfig settings (a run's config.json works); options above override.")
+@click.option("--prior", type=click.Path(dir_okay=False), default=None,
+              help="Prior checkpoint for medgmae / medgmae-star [default: the shipped priors].")
+@click.option("--shape", default=None, metavar="Z,Y,X", help="Resample every case to this many voxels.")
+@click.option("--spacing", default=None, metavar="MM", help="Resample every case to this voxel size: one number or DZ,DY,DX.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Benchmark folder to write.")
+@common_options
+def benchmark(cases, views, inits, iters, eval_every, views_per_iter, n_gaussians, stop_at_thresholds, config_path,
+              prior, shape, spacing, out, device, seed):
+    """The paper's Table 4: simulate each CASE at each view count, reconstruct with every initialisation.
+
+    CASES are CT volumes in HU (NIfTI, DICOM folder, .npy/.npz). Writes OUT/scans/, OUT/runs/<case>_v<views>_<init>/
+    (as `ctrecon reconstruct`), OUT/report/ (as `ctrecon report`: table, curves, paired t-tests) and
+    OUT/benchmark.json.
+
+    \b
+    Examples:
+      ctrecon benchmark ct1.nii.gz ct2.nii.gz --views 80,120,160 --inits fbp,medgmae,medgmae-star --out bench/
+      ctrecon benchmark ct.nii.gz --views 120 --iters 2000 --views-per-iter 10 --spacing 6 --device cpu --out b/
+    """
+    import json
+
+    from .benchmark import run_benchmark
+    from .reconstruct import ReconstructConfig
+
+    view_counts = _parse_numbers(views, "--views", count=len(views.split(",")), kind=int)
+    init_names = tuple(name.strip() for name in inits.split(",") if name.strip())
+    shape = _parse_numbers(shape, "--shape", count=3, kind=int) if shape is not None else None
+    spacing = _parse_numbers(spacing, "--spacing", count=3, kind=float, allow_single=True) if spacing else None
+    if shape is not None and spacing is not None:
+        raise InputError("--shape and --spacing are mutually exclusive: give one")
+    settings = {}
+    if config_path is not None:
+        try:
+            with open(config_path, encoding="utf-8") as handle:
+                settings = json.load(handle)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InputError(f"cannot read --config {config_path}: {err}") from None
+        if not isinstance(settings, dict):
+            raise InputError(f"--config {config_path} must hold a JSON object")
+        settings = settings.get("config", settings)
+    overrides = {"iterations": iters, "eval_every": eval_every, "views_per_iter": views_per_iter,
+                 "n_gaussians": n_gaussians}
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    if stop_at_thresholds:
+        settings["stop_at_thresholds"] = True
+    config = ReconstructConfig.from_dict(settings)
+    priors = _prior_files(init_names, prior)
+    result = run_benchmark(cases, view_counts, init_names, config, out, device=device, seed=seed, shape=shape,
+                           spacing=spacing[0] if spacing and len(spacing) == 1 else spacing, priors=priors,
+                           events=_benchmark_events(click.echo))
+    click.echo(result["markdown_table"])
+    click.echo(f"\nwrote {out}/ (scans/, runs/, report/ with report.md, table.csv, curves.png, stats.json; "
+               "benchmark.json)")
+
+
+@cli.command()
+@click.option("--out", default="ctrecon_demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder to write.")
+@click.option("--full", "profile", flag_value="full", default=None,
+              help="Full-size case, all views per iteration (the default on a GPU).")
+@click.option("--cpu-size", "profile", flag_value="cpu", help="The reduced CPU case (the default without a GPU).")
+@click.option("--iters", type=click.IntRange(min=1), default=None, help="Iterations per initialisation.")
+@common_options
+def demo(out, profile, iters, device, seed):
+    """The whole pipeline on the shipped real CT, with no arguments.
+
+    Simulates a 120-view cone-beam scan of data/sample_abdomen_small.nii.gz, reconstructs it with
+    FDK and with 3DGR-CT from three initialisations (fbp, zero-shot MedGMAE, zero-shot MedGMAE* with
+    the shipped priors) and writes a short report: PSNR/SSIM, iterations and seconds to PSNR 35 dB and
+    SSIM 0.90, slices and convergence curves. Without a GPU a reduced case (64x64x24 voxels, a few
+    minutes on two cores); on a GPU the full-size case.
+
+    \b
+    Examples:
+      ctrecon demo
+      ctrecon demo --device cuda --out demo_gpu/
+      ctrecon demo --iters 500 --out demo_long/
+    """
+    import time
+
+    from .demo import DEMO_INITS, run_demo
+
+    start = time.perf_counter()
+    priors = _prior_files(DEMO_INITS, None)
+    summary = run_demo(out, device=device, profile=profile, iterations=iters, seed=seed, priors=priors,
+                       events=_benchmark_events(click.echo))
+    click.echo("")
+    click.echo(summary["markdown"])
+    click.echo(f"demo finished in {time.perf_counter() - start:.0f} s; report: {summary['summary']}")
 
 
 def main(argv=None):

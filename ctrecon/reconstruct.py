@@ -11,8 +11,9 @@ adaptive density control. The pieces:
 * **Initialisation**: FDK of the scan, then a registered initialiser (:func:`gaussians.get_initializer`:
   "fbp" = 3DGR-CT's, "r2" = R²-Gaussian's, or a prior's), or a ready field (``init_field``).
 * **Optimiser**: Adam (eps 1e-15) with 3DGR-CT's per-parameter learning rates: centres 2e-3 decaying
-  log-linearly to 2e-6 over 30 000 steps (3DGR-CT ``position_lr_*``; after ``position_lr_steps`` it stays
-  at the final value), intensities 0.05, log-scales 5e-3, quaternions 1e-3, all constant. 3DGR-CT
+  log-linearly to 2e-6 over ``lr_decay_steps`` = 30 000 steps (3DGR-CT ``position_lr_*``; afterwards it
+  stays at the final value), intensities 0.05, log-scales 5e-3, quaternions 1e-3, constant as in
+  3DGR-CT unless a ``*_lr_final`` is set (then they decay the same way, as R²-Gaussian does). 3DGR-CT
   keeps centres in a [0, 1]³ frame; here they are in mm, so the centre rates are multiplied by the
   largest side of the volume (mm), the same step relative to the object (as R²-Gaussian does).
 * **Loss**: MSE between predicted and measured projections (3DGR-CT), or L1; optional
@@ -63,7 +64,7 @@ from .errors import InputError
 from .geometry import VolumeGeometry
 
 __all__ = ["ReconstructConfig", "ReconstructResult", "Progress", "NonFiniteLossError", "reconstruct",
-           "position_lr", "coarse_lattice", "LOSSES", "TIMING_PHASES"]
+           "learning_rates", "coarse_lattice", "LOSSES", "TIMING_PHASES"]
 
 LOSSES = ("mse", "l1")
 SSIM_METRICS = ("ssim_slice", "ssim3d")
@@ -87,10 +88,13 @@ class ReconstructConfig:
     lambda_tv: float = 0.0               # weight of 3-D TV of the rendered volume
     position_lr_init: float = 2e-3
     position_lr_final: float = 2e-6
-    position_lr_steps: int = 30_000
     intensity_lr: float = 0.05
+    intensity_lr_final: Optional[float] = None  # None: constant (3DGR-CT)
     scale_lr: float = 5e-3
+    scale_lr_final: Optional[float] = None
     rotation_lr: float = 1e-3
+    rotation_lr_final: Optional[float] = None
+    lr_decay_steps: int = 30_000          # log-linear decay length of every rate that has a final value
     coarse_iterations: int = 0           # half-resolution stage length (3DGR-CT low_reso_stage)
     densify: bool = True
     densify_every: int = 100
@@ -110,7 +114,7 @@ class ReconstructConfig:
 
     def validate(self) -> "ReconstructConfig":
         """InputError naming the first bad field."""
-        positive_ints = ("iterations", "n_gaussians", "position_lr_steps", "densify_every", "max_gaussians",
+        positive_ints = ("iterations", "n_gaussians", "lr_decay_steps", "densify_every", "max_gaussians",
                          "eval_every")
         for name in positive_ints:
             value = getattr(self, name)
@@ -126,6 +130,11 @@ class ReconstructConfig:
         for name in ("intensity_lr", "scale_lr", "rotation_lr", "lambda_dssim", "lambda_tv", "prune_min_intensity"):
             if not _finite(getattr(self, name)) or getattr(self, name) < 0:
                 raise InputError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
+        for name in ("intensity_lr_final", "scale_lr_final", "rotation_lr_final"):
+            value = getattr(self, name)
+            if value is not None and (not _finite(value) or value <= 0 or getattr(self, name[:-6]) <= 0):
+                raise InputError(f"{name} must be None or a positive number (with a positive {name[:-6]}), "
+                                 f"got {value!r}")
         if not isinstance(self.init_options, dict) or not all(isinstance(k, str) for k in self.init_options):
             raise InputError(f"init_options must be a dict of keyword options, got {self.init_options!r}")
         if self.loss not in LOSSES:
@@ -221,11 +230,21 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- pieces
-def position_lr(step: int, config: ReconstructConfig, extent: float) -> float:
-    """Centre learning rate (mm) at ``step``: log-linear from init to final over ``position_lr_steps``."""
-    t = min(max(step / config.position_lr_steps, 0.0), 1.0)
-    rate = math.exp((1 - t) * math.log(config.position_lr_init) + t * math.log(config.position_lr_final))
-    return rate * extent
+def _decayed(start: float, final: Optional[float], step: int, steps: int) -> float:
+    if final is None:
+        return start
+    t = min(max(step / steps, 0.0), 1.0)
+    return math.exp((1 - t) * math.log(start) + t * math.log(final))
+
+
+def learning_rates(step: int, config: ReconstructConfig, extent: float) -> dict:
+    """Adam rate per parameter group at ``step``: log-linear from the initial to the final value over
+    ``lr_decay_steps`` (constant without a final value); centres in mm (× ``extent``, mm)."""
+    steps = config.lr_decay_steps
+    return {"means": extent * _decayed(config.position_lr_init, config.position_lr_final, step, steps),
+            "intensities": _decayed(config.intensity_lr, config.intensity_lr_final, step, steps),
+            "log_scales": _decayed(config.scale_lr, config.scale_lr_final, step, steps),
+            "quats": _decayed(config.rotation_lr, config.rotation_lr_final, step, steps)}
 
 
 def coarse_lattice(volume: VolumeGeometry, offset: tuple) -> VolumeGeometry:
@@ -408,10 +427,7 @@ def reconstruct(scan, *, init: str = "fbp", config: ReconstructConfig | None = N
     projection_scale = float(measured.abs().max()) or 1.0
     target = measured / projection_scale
     extent = max(grid.sVoxel)
-    optimizer = torch.optim.Adam(field.parameter_groups({
-        "means": position_lr(0, config, extent), "intensities": config.intensity_lr,
-        "log_scales": config.scale_lr, "quats": config.rotation_lr}), eps=1e-15)
-    means_group = next(group for group in optimizer.param_groups if group["name"] == "means")
+    optimizer = torch.optim.Adam(field.parameter_groups(learning_rates(0, config, extent)), eps=1e-15)
     controller = DensityController.for_volume(
         grid, densify_every=config.densify_every, start=config.densify_from, stop=config.densify_until,
         max_gaussians=config.max_gaussians, grad_quantile=config.densify_grad_quantile,
@@ -479,7 +495,9 @@ def reconstruct(scan, *, init: str = "fbp", config: ReconstructConfig | None = N
         stop = should_stop(record)
         for iteration in range(1, config.iterations + 1) if stop is None else ():
             step = iteration - 1
-            means_group["lr"] = position_lr(step, config, extent)
+            rates = learning_rates(step, config, extent)
+            for group in optimizer.param_groups:
+                group["lr"] = rates[group["name"]]
             if step < config.coarse_iterations:
                 offset = ((step >> 2) & 1, (step >> 1) & 1, step & 1)
                 if offset not in coarse:

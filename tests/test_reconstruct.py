@@ -13,7 +13,7 @@ from ctrecon.geometry import ConeBeamGeometry, VolumeGeometry
 from ctrecon.io import Scan, save_scan
 from ctrecon.phantoms import Ellipsoid, ellipsoid_volume
 from ctrecon.projector import Projector
-from ctrecon.reconstruct import (NonFiniteLossError, ReconstructConfig, _ViewCycle, coarse_lattice, position_lr,
+from ctrecon.reconstruct import (NonFiniteLossError, ReconstructConfig, _ViewCycle, coarse_lattice, learning_rates,
                                  projection_ssim, reconstruct, total_variation)
 
 N_VOXELS = 16
@@ -142,15 +142,21 @@ def test_coarse_lattice_centres_are_the_subsampled_voxel_centres(shape):
         np.testing.assert_allclose(sub.voxel_centres(), expected, atol=1e-9)
 
 
-def test_position_lr_schedule_and_config_validation():
+def test_learning_rate_schedules_and_config_validation():
     config = ReconstructConfig()
-    assert position_lr(0, config, 100.0) == pytest.approx(2e-3 * 100.0)
-    assert position_lr(30_000, config, 100.0) == pytest.approx(2e-6 * 100.0)
-    assert position_lr(60_000, config, 100.0) == pytest.approx(2e-6 * 100.0)
-    assert position_lr(15_000, config, 1.0) == pytest.approx(math.sqrt(2e-3 * 2e-6))
+    assert learning_rates(0, config, 100.0) == pytest.approx(
+        {"means": 2e-3 * 100.0, "intensities": 0.05, "log_scales": 5e-3, "quats": 1e-3})
+    assert learning_rates(30_000, config, 100.0)["means"] == pytest.approx(2e-6 * 100.0)
+    assert learning_rates(60_000, config, 100.0)["means"] == pytest.approx(2e-6 * 100.0)
+    assert learning_rates(15_000, config, 1.0)["means"] == pytest.approx(math.sqrt(2e-3 * 2e-6))
+    assert learning_rates(15_000, config, 1.0)["intensities"] == 0.05  # constant without a final value
+    decaying = ReconstructConfig(intensity_lr_final=0.005, lr_decay_steps=100)
+    assert learning_rates(50, decaying, 1.0)["intensities"] == pytest.approx(math.sqrt(0.05 * 0.005))
+    assert learning_rates(100, decaying, 1.0)["means"] == pytest.approx(2e-6)
     assert ReconstructConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     for bad, message in (({"iterations": 0}, "iterations"), ({"loss": "l3"}, "unknown loss"),
-                         ({"max_gaussians": 10, "n_gaussians": 20}, "max_gaussians"), ({"nope": 1}, "unknown")):
+                         ({"max_gaussians": 10, "n_gaussians": 20}, "max_gaussians"), ({"nope": 1}, "unknown"),
+                         ({"scale_lr_final": -1.0}, "scale_lr_final")):
         with pytest.raises(InputError, match=message):
             ReconstructConfig.from_dict(bad)
 
