@@ -39,13 +39,19 @@ class LazyExtension:
     and :meth:`get` then returns None: callers fall back to the torch reference.
     """
 
-    def __init__(self, name: str, sources: Sequence[str], extra_cflags: Sequence[str] = ("-O3",)):
+    def __init__(self, name: str, sources: Sequence[str], extra_cflags: Sequence[str] = ("-O3",),
+                 extra_ldflags: Sequence[str] = ()):
         self.name = name
         self.sources = [os.path.join(_CSRC, s) for s in sources]
         self.extra_cflags = list(extra_cflags)
+        self.extra_ldflags = list(extra_ldflags)
         self._module = None
-        self._failed = False
+        self.error: str | None = None  # why the build failed, once it has
         self._lock = threading.Lock()
+
+    @property
+    def _failed(self) -> bool:
+        return self.error is not None
 
     def get(self):
         """The loaded module, or None (forced reference, or the build failed)."""
@@ -58,9 +64,8 @@ class LazyExtension:
                 try:
                     self._module = self._build()
                 except Exception as err:  # any toolchain failure means "use the reference"
-                    self._failed = True
-                    reason = " ".join(str(err).split())[:300] or type(err).__name__
-                    warnings.warn(f"ctrecon: could not build the compiled {self.name} ({reason}); "
+                    self.error = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+                    warnings.warn(f"ctrecon: could not build the compiled {self.name} ({self.error}); "
                                   "using the slower PyTorch reference", RuntimeWarning, stacklevel=3)
         return self._module
 
@@ -71,7 +76,7 @@ class LazyExtension:
         for path in self.sources:
             with open(path, "rb") as handle:
                 digest.update(handle.read())
-        digest.update(" ".join([*self.extra_cflags, torch.__version__, sys.version]).encode())
+        digest.update(" ".join([*self.extra_cflags, *self.extra_ldflags, torch.__version__, sys.version]).encode())
         module_name = f"ctrecon_{self.name}_{digest.hexdigest()[:12]}"
         build_directory = None
         if not os.environ.get("TORCH_EXTENSIONS_DIR"):
@@ -79,10 +84,14 @@ class LazyExtension:
             build_directory = os.path.join(cache, "ctrecon", "extensions", module_name)
             os.makedirs(build_directory, exist_ok=True)
         return cpp_extension.load(name=module_name, sources=self.sources, extra_cflags=self.extra_cflags,
-                                  build_directory=build_directory, verbose=False)
+                                  extra_ldflags=self.extra_ldflags, build_directory=build_directory, verbose=False)
 
 
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 
 #: Joseph forward / adjoint projector for CPU tensors (ctrecon/csrc/projector.cpp).
 cpu_projector = LazyExtension("cpu_projector", ["projector.cpp"])
+
+#: Gaussian voxelizer for CPU tensors (ctrecon/csrc/voxelize_cpu.cpp), OpenMP over slices / Gaussians.
+cpu_voxelizer = LazyExtension("cpu_voxelizer", ["voxelize_cpu.cpp"], extra_cflags=("-O3", "-fopenmp"),
+                              extra_ldflags=("-fopenmp",))

@@ -6,6 +6,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
+from ctrecon import _backend
 from ctrecon.errors import InputError
 from ctrecon.gaussians import _cpu
 from ctrecon.gaussians.render import bounding_half_widths, render_points, voxelize, voxelize_batch
@@ -205,7 +206,8 @@ def test_force_reference_environment(monkeypatch):
 
 
 def test_failed_build_falls_back_to_the_reference(monkeypatch):
-    monkeypatch.setattr(_cpu, "_state", {"tried": True, "module": None, "error": "no compiler"})
+    monkeypatch.setattr(_backend.cpu_voxelizer, "error", "no compiler")
+    monkeypatch.setattr(_backend.cpu_voxelizer, "_module", None)
     params = random_gaussians(5, dtype=torch.float32)
     assert not _cpu.use_compiled("auto", params[0])
     torch.testing.assert_close(voxelize(*params, VOLUME), voxelize(*params, VOLUME, backend="reference"))

@@ -1,48 +1,26 @@
 """Lazily built C++/OpenMP voxelizer (``ctrecon/csrc/voxelize_cpu.cpp``) and its autograd wrapper.
 
-Nothing is compiled at import: the first CPU :func:`render.voxelize` call builds the extension with
-``torch.utils.cpp_extension.load`` (cached by torch under ``TORCH_EXTENSIONS_DIR``). If the build
-fails, a warning is issued once, :func:`use_compiled` answers False and the PyTorch reference is used;
-``build_error()`` says why.
-``CTRECON_FORCE_REFERENCE`` set (to anything but 0) forces the reference for ``backend="auto"``.
+Nothing is compiled at import: the first CPU :func:`render.voxelize` call builds the extension
+(``_backend.cpu_voxelizer``, a :class:`~ctrecon._backend.LazyExtension`). If the build fails, a
+warning is issued once, :func:`use_compiled` answers False and the PyTorch reference is used;
+``build_error()`` says why. ``CTRECON_FORCE_REFERENCE`` set (to anything but 0) forces the reference.
 """
 from __future__ import annotations
 
-import os
-import threading
-import warnings
-from pathlib import Path
-
 import torch
 
+from .. import _backend
 from ..errors import InputError
 from ..geometry import VolumeGeometry
 
-SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "voxelize_cpu.cpp"
-_lock = threading.Lock()
-_state = {"tried": False, "module": None, "error": None}
-
 
 def _load():
-    with _lock:
-        if not _state["tried"]:
-            _state["tried"] = True
-            try:
-                from torch.utils.cpp_extension import load
-
-                _state["module"] = load(name="ctrecon_voxelize_cpu", sources=[str(SOURCE)],
-                                        extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                                        verbose=False)
-            except Exception as err:  # any build/load failure means: use the reference
-                _state["error"] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
-                warnings.warn(f"ctrecon: could not build the compiled CPU voxelizer ({_state['error']}); "
-                              "using the slower PyTorch reference", RuntimeWarning, stacklevel=4)
-        return _state["module"]
+    return _backend.cpu_voxelizer.get()
 
 
 def build_error() -> str | None:
     """Why the compiled kernel is unavailable (None if it loaded or was never tried)."""
-    return _state["error"]
+    return _backend.cpu_voxelizer.error
 
 
 def available() -> bool:
@@ -63,9 +41,7 @@ def use_compiled(backend: str, like: torch.Tensor) -> bool:
         if not available():
             raise RuntimeError(f"the compiled CPU voxelizer could not be built: {build_error()}")
         return True
-    if not suitable or os.environ.get("CTRECON_FORCE_REFERENCE", "") not in ("", "0"):
-        return False
-    return available()
+    return suitable and available()
 
 
 def _grid_args(volume: VolumeGeometry, dtype):
