@@ -47,7 +47,8 @@ def cli():
 
     \b
     Example:
-      ctrecon simulate data/sample_abdomen.nii.gz --views 120 --out scan.npz
+      ctrecon demo                                   # the whole pipeline on the shipped CT
+      ctrecon simulate data/sample_abdomen_small.nii.gz --views 120 --out scan.npz
       ctrecon fdk scan.npz --out fdk.nii.gz
     """
 
@@ -786,6 +787,9 @@ def main(argv=None):
         _fail(str(err))
     except KeyboardInterrupt:
         _fail("interrupted", 130)
+    except BrokenPipeError:  # e.g. `ctrecon ... | head -1`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except Exception as err:  # noqa: BLE001 - last resort: one line unless debugging
         if os.environ.get("CTRECON_DEBUG"):
             raise

@@ -247,3 +247,13 @@ def test_fdk_rejects_missing_scan_bad_suffix_and_filter(small_scan, tmp_path):
 def test_help_has_examples(command):
     code, stdout, _ = run([command, "--help"])
     assert code == 0 and "Examples:" in stdout and f"ctrecon {command} " in stdout and "--device" in stdout
+
+
+def test_closed_stdout_exits_quietly():
+    """`ctrecon ... | head -1`: a reader that leaves early gets no traceback and no error line."""
+    proc = subprocess.Popen([sys.executable, "-m", "ctrecon.cli", "report", "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait() == 1
+    assert stderr == ""
