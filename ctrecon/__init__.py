@@ -16,7 +16,6 @@ _EXPORTS = {
     "ConeBeamGeometry": "geometry",
     "InputError": "errors",
     "Projector": "projector",
-    "fdk": "fdk",
     "load_scan": "io",
     "save_scan": "io",
     "load_volume": "io",
