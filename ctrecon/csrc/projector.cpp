@@ -6,9 +6,8 @@
 // steps Du, Dv from one pixel column / row to the next. Pixel (r, c) is D0 + c·Du + r·Dv.
 //
 // Implementation notes:
-//  * The volume is read from zero-padded copies (one voxel on every side) so that the bilinear
-//    interpolation needs no bounds tests; x- and z-dominant rays use the [Z][Y][X] copy, y-dominant
-//    rays a [Z][X][Y] copy, so that rays with a horizontal dominant axis step through contiguous memory.
+//  * The volume is read from (and the adjoint accumulates into) a zero-padded copy, one voxel wider on
+//    every side, so that the bilinear interpolation needs no bounds tests.
 //  * Each ray is set up once in double precision (dominant axis, slopes, the slices whose samples can
 //    be nonzero). Float32 volumes on x86-64 CPUs with AVX2 process 8 slices at a time (coordinates in
 //    double, interpolation in float, gathers); other cases run the scalar loop in double.
@@ -38,25 +37,16 @@ namespace {
 
 constexpr int64_t kViewFields = 12;
 
-// Voxel counts and sizes along x, y, z, and the strides of the two padded layouts.
+// Voxel counts and sizes along x, y, z, and the strides of the padded [Z+2][Y+2][X+2] layout.
 struct Grid {
   int64_t n[3];
   double spacing[3];
-  int64_t stride_xmajor[3];  // padded [Z+2][Y+2][X+2]
-  int64_t stride_ymajor[3];  // padded [Z+2][X+2][Y+2]
+  int64_t stride[3];
   int64_t padded_size;
 
   Grid(int64_t nz, int64_t ny, int64_t nx, const std::vector<double>& spacing_xyz)
-      : n{nx, ny, nz}, spacing{spacing_xyz[0], spacing_xyz[1], spacing_xyz[2]} {
-    const int64_t plane = (nx + 2) * (ny + 2);
-    stride_xmajor[0] = 1;
-    stride_xmajor[1] = nx + 2;
-    stride_xmajor[2] = plane;
-    stride_ymajor[0] = ny + 2;
-    stride_ymajor[1] = 1;
-    stride_ymajor[2] = plane;
-    padded_size = plane * (nz + 2);
-  }
+      : n{nx, ny, nz}, spacing{spacing_xyz[0], spacing_xyz[1], spacing_xyz[2]},
+        stride{1, nx + 2, (nx + 2) * (ny + 2)}, padded_size((nx + 2) * (ny + 2) * (nz + 2)) {}
 };
 
 // A ray ready for stepping along its dominant axis m. At slice s the in-plane coordinates, shifted
@@ -66,7 +56,6 @@ struct Ray {
   double p0, dp, q0, dq;
   double length;  // mm travelled between consecutive slices
   int64_t begin, end;
-  bool ymajor;    // read / write the [Z][X][Y] copy
   int64_t stride_m, stride_p, stride_q;
   int64_t np, nq;  // voxel counts along p and q
 };
@@ -114,11 +103,9 @@ inline bool setup_ray(const double* view, int64_t row, int64_t col, const Grid& 
   ray.end = g.n[m];
   clip_slices(ray.p0, ray.dp, 0.0, static_cast<double>(ray.np + 1), ray.begin, ray.end);
   clip_slices(ray.q0, ray.dq, 0.0, static_cast<double>(ray.nq + 1), ray.begin, ray.end);
-  ray.ymajor = (m == 1);
-  const int64_t* stride = ray.ymajor ? g.stride_ymajor : g.stride_xmajor;
-  ray.stride_m = stride[m];
-  ray.stride_p = stride[p];
-  ray.stride_q = stride[q];
+  ray.stride_m = g.stride[m];
+  ray.stride_p = g.stride[p];
+  ray.stride_q = g.stride[q];
   return ray.begin < ray.end;
 }
 
@@ -314,28 +301,24 @@ void ray_spread(scalar_t* data, const Ray& ray, int64_t begin, int64_t end, doub
 }
 
 template <typename scalar_t>
-void pad_copy(const scalar_t* volume, const Grid& g, scalar_t* xmajor, scalar_t* ymajor) {
-  const int64_t nx = g.n[0], ny = g.n[1], nz = g.n[2];
-  std::fill(xmajor, xmajor + g.padded_size, scalar_t(0));
-  std::fill(ymajor, ymajor + g.padded_size, scalar_t(0));
-  at::parallel_for(0, nz, 1, [&](int64_t k0, int64_t k1) {
+std::vector<scalar_t> pad(const scalar_t* volume, const Grid& g) {
+  std::vector<scalar_t> padded(g.padded_size, scalar_t(0));
+  const int64_t nx = g.n[0], ny = g.n[1];
+  at::parallel_for(0, g.n[2], 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       for (int64_t j = 0; j < ny; ++j) {
         const scalar_t* src = volume + (k * ny + j) * nx;
-        scalar_t* dst = xmajor + (k + 1) * g.stride_xmajor[2] + (j + 1) * g.stride_xmajor[1] + 1;
-        std::copy(src, src + nx, dst);
-        scalar_t* dst_y = ymajor + (k + 1) * g.stride_ymajor[2] + (j + 1);
-        for (int64_t i = 0; i < nx; ++i) dst_y[(i + 1) * g.stride_ymajor[0]] = src[i];
+        std::copy(src, src + nx, padded.data() + (k + 1) * g.stride[2] + (j + 1) * g.stride[1] + 1);
       }
     }
   });
+  return padded;
 }
 
 template <typename scalar_t>
 void forward_impl(const scalar_t* volume, const Grid& g, const double* views, int64_t n_views, int64_t n_rows,
                   int64_t n_cols, scalar_t* out) {
-  std::vector<scalar_t> xmajor(g.padded_size), ymajor(g.padded_size);
-  pad_copy(volume, g, xmajor.data(), ymajor.data());
+  const std::vector<scalar_t> padded = pad(volume, g);
   const bool avx2 = use_avx2<scalar_t>(g);
   at::parallel_for(0, n_views * n_rows, 1, [&](int64_t first, int64_t last) {
     Ray ray;
@@ -344,9 +327,8 @@ void forward_impl(const scalar_t* volume, const Grid& g, const double* views, in
       const int64_t r = item % n_rows;
       scalar_t* pixel = out + item * n_cols;
       for (int64_t c = 0; c < n_cols; ++c) {
-        pixel[c] = setup_ray(view, r, c, g, ray)
-                       ? static_cast<scalar_t>(ray_integral(ray.ymajor ? ymajor.data() : xmajor.data(), ray, avx2))
-                       : scalar_t(0);
+        pixel[c] = setup_ray(view, r, c, g, ray) ? static_cast<scalar_t>(ray_integral(padded.data(), ray, avx2))
+                                                 : scalar_t(0);
       }
     }
   });
@@ -376,10 +358,10 @@ inline void depth_range(const double* view, const Grid& g, double& t_min, double
   }
 }
 
-// Scatter every sample of every ray into the rows [k_begin, k_end) (unpadded z) of the accumulators.
+// Scatter every sample of every ray into the rows [k_begin, k_end) (unpadded z) of the padded accumulator.
 template <typename scalar_t>
 void adjoint_slab(const scalar_t* proj, const Grid& g, const double* views, int64_t n_views, int64_t n_rows,
-                  int64_t n_cols, int64_t k_begin, int64_t k_end, bool avx2, scalar_t* xmajor, scalar_t* ymajor) {
+                  int64_t n_cols, int64_t k_begin, int64_t k_end, bool avx2, scalar_t* data) {
   const int64_t own_lo = k_begin + 1, own_hi = k_end;  // padded z rows owned, inclusive
   Ray ray;
   for (int64_t a = 0; a < n_views; ++a) {
@@ -403,7 +385,6 @@ void adjoint_slab(const scalar_t* proj, const Grid& g, const double* views, int6
       for (int64_t c = 0; c < n_cols; ++c) {
         const double value = static_cast<double>(values[c]);
         if (value == 0.0 || !setup_ray(view, r, c, g, ray)) continue;
-        scalar_t* data = ray.ymajor ? ymajor : xmajor;
         const double weighted = value * ray.length;
         if (ray.m == 2) {  // z-dominant: slice s is row s; every in-plane corner is in that row
           ray_spread(data, ray, std::max(ray.begin, k_begin), std::min(ray.end, k_end), weighted, 0, ray.nq + 1,
@@ -425,7 +406,7 @@ void adjoint_slab(const scalar_t* proj, const Grid& g, const double* views, int6
 template <typename scalar_t>
 void adjoint_impl(const scalar_t* proj, const Grid& g, const double* views, int64_t n_views, int64_t n_rows,
                   int64_t n_cols, int64_t slab_rows, scalar_t* out) {
-  std::vector<scalar_t> xmajor(g.padded_size, scalar_t(0)), ymajor(g.padded_size, scalar_t(0));
+  std::vector<scalar_t> padded(g.padded_size, scalar_t(0));
   const bool avx2 = use_avx2<scalar_t>(g);
   const int64_t nz = g.n[2];
   const int64_t n_slabs = (nz + slab_rows - 1) / slab_rows;
@@ -433,17 +414,15 @@ void adjoint_impl(const scalar_t* proj, const Grid& g, const double* views, int6
   at::parallel_for(0, std::min<int64_t>(n_slabs, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     for (int64_t slab; (slab = next_slab.fetch_add(1)) < n_slabs;) {
       const int64_t k_begin = slab * slab_rows, k_end = std::min(nz, k_begin + slab_rows);
-      adjoint_slab(proj, g, views, n_views, n_rows, n_cols, k_begin, k_end, avx2, xmajor.data(), ymajor.data());
+      adjoint_slab(proj, g, views, n_views, n_rows, n_cols, k_begin, k_end, avx2, padded.data());
     }
   });
   const int64_t nx = g.n[0], ny = g.n[1];
   at::parallel_for(0, nz, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       for (int64_t j = 0; j < ny; ++j) {
-        const scalar_t* from_x = xmajor.data() + (k + 1) * g.stride_xmajor[2] + (j + 1) * g.stride_xmajor[1] + 1;
-        const scalar_t* from_y = ymajor.data() + (k + 1) * g.stride_ymajor[2] + (j + 1);
-        scalar_t* dst = out + (k * ny + j) * nx;
-        for (int64_t i = 0; i < nx; ++i) dst[i] = from_x[i] + from_y[(i + 1) * g.stride_ymajor[0]];
+        const scalar_t* src = padded.data() + (k + 1) * g.stride[2] + (j + 1) * g.stride[1] + 1;
+        std::copy(src, src + nx, out + (k * ny + j) * nx);
       }
     }
   });
