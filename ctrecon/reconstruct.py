@@ -175,7 +175,8 @@ class Progress:
     """What the callback receives after every iteration (and once for the initial evaluation, iteration 0).
 
     ``loss`` is None at iteration 0; ``evaluation`` is the history record when this iteration was
-    evaluated, else None. ``seconds``: optimisation time so far (evaluation excluded).
+    evaluated, else None. ``seconds``: optimisation time so far (evaluation excluded). The report
+    comes after the Adam step and before this iteration's density control (``n_gaussians`` too).
     """
 
     iteration: int
@@ -536,14 +537,13 @@ def reconstruct(scan, *, init: str = "fbp", config: ReconstructConfig | None = N
             if controller is not None:
                 controller.accumulate(field)
             optimizer.step()
-            clock.end_phase("backward")
-            if controller is not None:
-                controller.step(field, optimizer, iteration)
             optimizer.zero_grad(set_to_none=True)
-            clock.end_phase("densify")
+            clock.end_phase("backward")
             state["completed"] = iteration
             interval_losses.append(loss_value)
 
+            # Evaluate and report before density control (as 3D-GS does), so that evaluations do not
+            # land on the transient right after a split whenever eval_every is a multiple of densify_every.
             record = None
             if iteration % config.eval_every == 0 or iteration == config.iterations:
                 record = evaluate(iteration)
@@ -554,6 +554,10 @@ def reconstruct(scan, *, init: str = "fbp", config: ReconstructConfig | None = N
                 stop = should_stop(record)
                 if stop is not None:
                     break
+            if controller is not None and iteration < config.iterations:
+                clock.begin_phase()
+                controller.step(field, optimizer, iteration)
+                clock.end_phase("densify")
         if stop is not None:
             state["stop_reason"] = stop
     except KeyboardInterrupt:

@@ -44,7 +44,10 @@ def parse_args(argv=None):
     parser.add_argument("--n-gaussians", type=int, default=50_000)
     parser.add_argument("--max-gaussians", type=int, default=200_000)
     parser.add_argument("--coarse-iters", type=int, default=0)
-    parser.add_argument("--densify-until", type=int, default=None)
+    parser.add_argument("--densify-from", type=int, default=None)
+    parser.add_argument("--densify-until", type=int, default=None, help="0 turns densification off.")
+    parser.add_argument("--densify-quantile", type=float, default=None,
+                        help="Densify Gaussians above this quantile of mean centre-gradient norms [default: 0.95].")
     parser.add_argument("--position-lr", type=float, default=None, help="Initial centre learning rate (fraction of the extent).")
     parser.add_argument("--intensity-lr", type=float, default=None)
     parser.add_argument("--scale-lr", type=float, default=None)
@@ -94,8 +97,12 @@ def main(argv=None):
                     views_per_iter=args.views_per_iter, eval_every=args.eval_every,
                     coarse_iterations=args.coarse_iters, time_phases=True,
                     stop_at_psnr=args.stop_at_psnr if args.stop_at_psnr > 0 else None)
+    if args.densify_from is not None:
+        settings["densify_from"] = args.densify_from
     if args.densify_until is not None:
         settings["densify_until"] = args.densify_until
+    if args.densify_quantile is not None:
+        settings["densify_grad_quantile"] = args.densify_quantile
     if args.position_lr is not None:
         settings["position_lr_init"] = args.position_lr
     if args.intensity_lr is not None:
