@@ -547,8 +547,8 @@ def report(runs, out, device, seed):
               help="Also write the field rendered on the volume's grid (.nii.gz/.nii, in the input's units).")
 @click.option("--levels", default="all", show_default=True, type=click.Choice(["all", "first"]),
               help="all: every MedGMAE* level; first: level 0 only (MedGMAE).")
-@click.option("--overlap", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
-              help="Window overlap (fraction of a window); > 0 blends overlapping windows.")
+@click.option("--overlap", default=0.5, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Window overlap (fraction of a window), blended; 0: non-overlapping windows (the paper's).")
 @click.option("--no-resample", is_flag=True, help="Cut windows at the volume's own spacing, not the prior's.")
 @click.option("--input-units", default="hu", show_default=True, type=click.Choice(["hu", "unit"]),
               help="Volume values: HU, or unit attenuation (e.g. the output of `ctrecon fdk`).")
@@ -568,7 +568,7 @@ def infer(volume, prior, out, render, levels, overlap, no_resample, input_units,
     Examples:
       ctrecon infer ct.nii.gz --out gaussians.npz --render rendered.nii.gz
       ctrecon infer fdk.nii.gz --input-units unit --prior ckpt/prior.pt --levels first --out g.npz
-      ctrecon infer dicom_folder/ --overlap 0.5 --frame patient --out g.npz
+      ctrecon infer dicom_folder/ --overlap 0 --frame patient --out g.npz
     """
     import time
 
@@ -742,8 +742,10 @@ def benchmark(cases, views, inits, iters, eval_every, views_per_iter, n_gaussian
               help="Full-size case, all views per iteration (the default on a GPU).")
 @click.option("--cpu-size", "profile", flag_value="cpu", help="The reduced CPU case (the default without a GPU).")
 @click.option("--iters", type=click.IntRange(min=1), default=None, help="Iterations per initialisation.")
+@click.option("--crop", default=None, metavar="Z,Y,X",
+              help="Voxels of the centre crop in the CPU case [default: 24,64,64].")
 @common_options
-def demo(out, profile, iters, device, seed):
+def demo(out, profile, iters, crop, device, seed):
     """The whole pipeline on the shipped real CT, with no arguments.
 
     Simulates a 120-view cone-beam scan of data/sample_abdomen_small.nii.gz, reconstructs it with
@@ -760,11 +762,12 @@ def demo(out, profile, iters, device, seed):
     """
     import time
 
-    from .demo import DEMO_INITS, run_demo
+    from .demo import CPU_CROP, DEMO_INITS, run_demo
 
     start = time.perf_counter()
+    crop = _parse_numbers(crop, "--crop", count=3, kind=int) if crop is not None else CPU_CROP
     priors = _prior_files(DEMO_INITS, None)
-    summary = run_demo(out, device=device, profile=profile, iterations=iters, seed=seed, priors=priors,
+    summary = run_demo(out, device=device, profile=profile, iterations=iters, crop=crop, seed=seed, priors=priors,
                        events=_benchmark_events(click.echo))
     click.echo("")
     click.echo(summary["markdown"])

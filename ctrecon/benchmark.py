@@ -1,0 +1,137 @@
+"""The paper's Table 4 on CT volumes: simulate every case at every view count, reconstruct each scan with
+every initialisation (3DGR-CT) and compare the runs with the convergence report (library; no printing).
+
+    summary = run_benchmark(["ct.nii.gz"], views=(80, 120, 160), inits=("fbp", "medgmae", "medgmae-star"),
+                            config=ReconstructConfig(iterations=3000), out="bench/")
+
+Prior initialisers ("medgmae", "medgmae-star") must be registered first
+(``priors.zero_shot.register_prior_initializers``; ``ctrecon benchmark`` does it), so that ``ctrecon``
+itself never imports ``priors``.
+
+Output folder ``out``: ``scans/<case>_v<views>.npz`` (the simulated scans), ``runs/<case>_v<views>_<init>/``
+(run folders as ``ctrecon reconstruct`` writes them), ``report/`` (as ``ctrecon report`` writes it) and
+``benchmark.json`` (settings, run folders, failures, the report's table).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from .errors import InputError
+
+__all__ = ["BenchmarkEvent", "case_name", "run_benchmark"]
+
+
+@dataclasses.dataclass
+class BenchmarkEvent:
+    """What ``events`` receives: ``kind`` is "scan" (a case simulated at ``views``), "run_start",
+    "iteration" (``progress``: a :class:`ctrecon.reconstruct.Progress`), "run_end" (``result``) or
+    "report" (``path``: the report folder)."""
+
+    kind: str
+    case: str = ""
+    views: int = 0
+    init: str = ""
+    progress: object = None
+    result: object = None
+    path: str = ""
+
+
+def case_name(path) -> str:
+    """A file-system friendly case name from a volume path (``.../chest_ct.nii.gz`` → ``chest_ct``)."""
+    name = Path(str(path).rstrip("/\\")).name
+    for suffix in (".nii.gz", ".nii", ".npz", ".npy"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "case"
+
+
+def _checked(cases, views, inits) -> tuple:
+    from .gaussians import get_initializer
+
+    cases = [str(c) for c in cases]
+    if not cases:
+        raise InputError("give at least one case (a CT volume)")
+    names = [case_name(c) for c in cases]
+    if len(set(names)) != len(names):
+        raise InputError(f"case names must differ (got {', '.join(names)}); rename or copy the volumes")
+    views = tuple(int(v) for v in views)
+    if not views or any(v < 1 for v in views) or len(set(views)) != len(views):
+        raise InputError(f"views must be distinct positive integers, got {views}")
+    inits = tuple(inits)
+    if not inits or len(set(inits)) != len(inits):
+        raise InputError(f"inits must be distinct initialiser names, got {inits}")
+    for init in inits:
+        get_initializer(init)  # InputError listing the known names
+    return cases, names, views, inits
+
+
+def run_benchmark(cases: Sequence, views: Sequence[int], inits: Sequence[str], config, out, *, device="cpu",
+                  seed: int = 0, shape=None, spacing=None, priors: Optional[dict] = None,
+                  events: Optional[Callable[[BenchmarkEvent], None]] = None,
+                  write_run: Optional[Callable] = None) -> dict:
+    """Run the benchmark (see the module docstring); returns the report's content (``build_report``)
+    plus ``benchmark`` (what ``benchmark.json`` holds).
+
+    cases: CT volume paths (HU; NIfTI, DICOM folder, .npy/.npz). config: a
+    :class:`ctrecon.reconstruct.ReconstructConfig` shared by every run. shape / spacing: resample each
+    case before simulating (as ``ctrecon simulate --shape/--spacing``). priors: init name → prior file
+    (recorded in each run's config.json). Every scan of a case uses the same ``seed``; a run that
+    stops on a non-finite loss keeps its last good state and is listed under ``failures``.
+    """
+    from .io import read_volume, save_scan, write_json
+    from .reconstruct import NonFiniteLossError
+    from .reconstruct import reconstruct as run_reconstruct
+    from .report import build_report
+    from .simulate import simulate_scan
+
+    if write_run is None:
+        from .cli import _write_run as write_run
+    cases, names, views, inits = _checked(cases, views, inits)
+    config = config.validate()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a folder")
+    sources = [read_volume(c) for c in cases]  # bad input fails before any work
+    notify = events or (lambda event: None)
+    run_dirs, failures = [], []
+    for path, name, source in zip(cases, names, sources):
+        for n_views in views:
+            scan = simulate_scan(source.array, source.spacing, n_views, shape=shape, spacing_out=spacing, seed=seed,
+                                 device=device, source=str(path), origin=source.origin)
+            scan.meta["case"] = name
+            scan_path = out / "scans" / f"{name}_v{n_views}.npz"
+            scan_path.parent.mkdir(parents=True, exist_ok=True)
+            save_scan(scan_path, scan)
+            notify(BenchmarkEvent("scan", name, n_views, path=str(scan_path)))
+            for init in inits:
+                notify(BenchmarkEvent("run_start", name, n_views, init))
+                callback = (lambda p, n=name, v=n_views, i=init: notify(BenchmarkEvent("iteration", n, v, i, p)))
+                try:
+                    result = run_reconstruct(scan, init=init, config=config, device=device, seed=seed,
+                                             callback=callback)
+                except NonFiniteLossError as err:
+                    result = err.result
+                    failures.append({"case": name, "views": n_views, "init": init, "error": str(err)})
+                run_dir = out / "runs" / f"{name}_v{n_views}_{init}"
+                extra = {"scan": str(scan_path.resolve()), "source": str(path), "case": name,
+                         "units": "unit attenuation (HU + 1024) / 4095", "views": n_views, "seed": seed,
+                         "device": str(device), "init_gaussians": None, "prior": (priors or {}).get(init),
+                         "geometry": scan.geometry.to_dict(include_angles=False)}
+                write_run(str(run_dir), result, scan, extra)
+                run_dirs.append(str(run_dir))
+                notify(BenchmarkEvent("run_end", name, n_views, init, result=result, path=str(run_dir)))
+    report_dir = out / "report"
+    summary = build_report(run_dirs, str(report_dir))
+    notify(BenchmarkEvent("report", path=str(report_dir)))
+    benchmark = {"cases": cases, "case_names": names, "views": list(views), "inits": list(inits),
+                 "config": config.to_dict(), "device": str(device), "seed": seed,
+                 "shape": shape, "spacing": spacing,
+                 "priors": priors or {}, "runs": run_dirs, "failures": failures, "report": str(report_dir),
+                 "table": summary["markdown_table"]}
+    write_json(out / "benchmark.json", benchmark)
+    return {**summary, "benchmark": benchmark}

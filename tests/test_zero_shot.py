@@ -1,0 +1,321 @@
+"""Zero-shot prior initialisation (priors.zero_shot): windows, world conversion, blending, pruning,
+the ctrecon initialisers and `ctrecon infer`.
+
+Most tests use a stand-in prior with a known answer (one Gaussian per crop voxel centre, intensity =
+the voxel's value) so that the stitched world field can be checked against a brute-force sum built
+from the voxel grid alone; the seam test uses the shipped prior on the shipped real CT.
+"""
+import contextlib
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ctrecon.cli import main
+from ctrecon.geometry import VolumeGeometry
+from ctrecon.gaussians import GaussianField, get_initializer
+from ctrecon.io import load_volume, save_volume
+from ctrecon.simulate import hu_to_unit
+from priors.checkpoints import prior_metadata, save_prior
+from priors.data import DataConfig
+from priors.gaussian_space import quaternion_to_matrix
+from priors.model import CropGaussians, ModelConfig, build_model
+from priors.zero_shot import (SHIPPED_PRIORS, ZeroShotConfig, infer_field, load_zero_shot_prior,
+                              register_prior_initializers, window_layout)
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample_abdomen_small.nii.gz"
+SHIPPED = REPO / "data" / "priors"
+
+
+class VoxelPrior(torch.nn.Module):
+    """Stand-in prior: a Gaussian at every crop voxel centre, intensity ``gain``·value, σ ``sigma_voxels``
+    (body axes, voxels) rotated by ``quat``, all in crop units. Requires an all-visible mask."""
+
+    def __init__(self, crop: int, sigma_voxels=(0.6, 0.6, 0.6), quat=(1.0, 0.0, 0.0, 0.0), gain=1.0):
+        super().__init__()
+        self.cfg = ModelConfig(architecture="medgmae", crop_size=crop, patch_size=crop // 2, encoder_dim=6,
+                               encoder_heads=1, decoder_dim=6, decoder_heads=1, n_gaussians=crop ** 3)
+        self.sigma = torch.tensor(sigma_voxels) / crop
+        self.quat = torch.nn.functional.normalize(torch.tensor(quat, dtype=torch.float32), dim=0)
+        self.gain = gain
+        self.batch_sizes = []  # shared with the all-visible view the pipeline makes
+
+    def forward(self, crops, mask):
+        assert mask.shape == (crops.shape[0], self.cfg.n_patches) and not mask.any()
+        self.batch_sizes.append(crops.shape[0])
+        B, D = crops.shape[0], self.cfg.crop_size
+        c = (torch.arange(D, dtype=torch.float32) + 0.5) / D
+        zz, yy, xx = torch.meshgrid(c, c, c, indexing="ij")
+        means = torch.stack([xx, yy, zz], -1).reshape(1, -1, 3).expand(B, -1, -1)
+        n = D ** 3
+        return CropGaussians(means, self.sigma.expand(B, n, 3), self.quat.expand(B, n, 4),
+                             self.gain * crops.reshape(B, -1))
+
+
+def voxel_metadata(crop, spacing=(1.0, 1.0, 1.0), window=(-1024.0, 3071.0)):
+    return {"architecture": "medgmae", "gaussians_per_level": [crop ** 3], "crop_size": [crop] * 3,
+            "intensity_window_hu": list(window), "voxel_spacing_mm": list(spacing), "k_sigma": 3.0}
+
+
+def smooth_volume(shape, seed=0):
+    """Values in [0.05, 0.45] varying over a few voxels (a sum of random Gaussian bumps)."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
+    out = np.zeros(shape)
+    for _ in range(6):
+        centre = rng.uniform(0, np.array(shape))
+        width = rng.uniform(2.0, 4.0)
+        out += rng.uniform(0.2, 1.0) * np.exp(-sum((g - c) ** 2 for g, c in zip(grids, centre)) / (2 * width ** 2))
+    return (0.05 + 0.4 * out / out.max()).astype(np.float32)
+
+
+def test_stitched_field_equals_brute_force_sum_on_anisotropic_grid():
+    """Centres on the voxel centres, intensities of those voxels, covariances diag(d)·RS²Rᵀ·diag(d)."""
+    crop, s_voxels, quat = 6, np.array([0.7, 0.5, 0.9]), (0.9, 0.2, -0.3, 0.25)
+    grid = VolumeGeometry((11, 14, 13), (2.0, 1.0, 1.5), (3.0, -2.0, 1.0))
+    values = np.random.default_rng(1).uniform(0.0, 0.5, grid.nVoxel).astype(np.float32)
+    prior = VoxelPrior(crop, s_voxels, quat)
+    field = infer_field(torch.from_numpy(values), grid, prior, voxel_metadata(crop, (9.0, 9.0, 9.0)),
+                        ZeroShotConfig(overlap=0.0, resample=False, min_intensity=0.0, batch_size=5))
+    assert field.metadata["windows"]["per_axis"] == [2, 3, 3] and prior.batch_sizes == [5, 5, 5, 3]
+
+    # Every voxel of the volume carries exactly one Gaussian at its centre with its value.
+    centres = grid.voxel_centres().reshape(-1, 3)
+    means = field.means.detach().double().numpy()
+    inside = np.all(np.abs(grid.world_to_index(means) - np.rint(grid.world_to_index(means))) < 1e-4, axis=1)
+    index = np.rint(grid.world_to_index(means)).astype(int)
+    real = inside & np.all((index >= 0) & (index < np.array(grid.nVoxel[::-1])), axis=1)
+    assert real.sum() == values.size
+    np.testing.assert_allclose(field.intensities.detach().numpy()[real],
+                               values[index[real, 2], index[real, 1], index[real, 0]], atol=1e-6)
+
+    # The rendered field at interior points equals the brute-force sum with Σ = diag(d) R S² Rᵀ diag(d).
+    rot = quaternion_to_matrix(torch.tensor(quat, dtype=torch.float64)).numpy()
+    d_xyz = np.array(grid.dVoxel[::-1])
+    cov = np.diag(d_xyz) @ rot @ np.diag(s_voxels ** 2) @ rot.T @ np.diag(d_xyz)
+    precision = np.linalg.inv(cov)
+    rendered = field.render(grid).detach().numpy()
+    flat_values = values.reshape(-1).astype(np.float64)
+    for k, j, i in [(5, 6, 6), (4, 7, 5), (6, 3, 9), (5, 10, 3), (3, 6, 6)]:
+        diff = centres - grid.voxel_centres()[k, j, i]
+        q = np.einsum("ni,ij,nj->n", diff, precision, diff)
+        expected = np.sum(flat_values * np.exp(-0.5 * q) * (q <= 9.0))
+        assert rendered[k, j, i] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_overlapping_windows_blend_to_the_non_overlapping_field():
+    crop = 8
+    grid = VolumeGeometry((9, 14, 13), (1.5, 1.5, 1.5))
+    values = torch.from_numpy(smooth_volume(grid.nVoxel))
+    prior, meta = VoxelPrior(crop), voxel_metadata(crop, (1.5, 1.5, 1.5))
+    plain = infer_field(values, grid, prior, meta, ZeroShotConfig(overlap=0.0, min_intensity=0.0))
+    blended = infer_field(values, grid, prior, meta, ZeroShotConfig(min_intensity=0.0, overlap=0.5))
+    assert blended.metadata["windows"]["stride"] == 4
+    assert len(blended) > 2 * len(plain)
+    a, b = plain.render(grid).detach(), blended.render(grid).detach()
+    interior = (slice(2, -2),) * 3  # padded positions differ between the layouts near the border
+    torch.testing.assert_close(b[interior], a[interior], atol=1e-5, rtol=1e-5)
+    # Blending weights at one position sum to one: total intensity per voxel centre is its value.
+    index = np.rint(grid.world_to_index(blended.means.detach().double().numpy())).astype(int)
+    ok = np.all((index >= 0) & (index < np.array(grid.nVoxel[::-1])), axis=1)
+    sums = np.zeros(grid.nVoxel)
+    np.add.at(sums, (index[ok, 2], index[ok, 1], index[ok, 0]), blended.intensities.detach().numpy()[ok])
+    np.testing.assert_allclose(sums, values.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("resample", [True, False])
+def test_resampled_and_native_windows_reproduce_a_linear_volume(resample):
+    """Trilinear resampling and a normalised splat (σ 0.7 voxel, a partition of unity to ~1e-4 when
+    rendered to 5σ) both keep a linear ramp, so away from the padded border (7 mm) the field must equal
+    the volume; a window or grid misplaced by a fraction of a voxel would show as an error of
+    slope × shift (≥ 2e-3)."""
+    crop, sigma = 8, 0.7
+    grid = VolumeGeometry((14, 22, 20), (2.5, 1.2, 1.0), (4.0, 0.0, -3.0))
+    k, j, i = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in grid.nVoxel], indexing="ij")
+    values = 0.1 + 0.02 * k + 0.015 * j + 0.01 * i
+    prior = VoxelPrior(crop, (sigma,) * 3, gain=1.0 / (sigma * math.sqrt(2 * math.pi)) ** 3)
+    field = infer_field(torch.from_numpy(values), grid, prior, voxel_metadata(crop, (2.0, 2.0, 2.0)),
+                        ZeroShotConfig(resample=resample, min_intensity=0.0))
+    work = field.metadata["work_grid"]
+    assert work["dVoxel"] == ([2.0, 2.0, 2.0] if resample else list(grid.dVoxel))
+    assert work["nVoxel"] == ([18, 14, 10] if resample else list(grid.nVoxel))
+    rendered = field.render(grid, k_sigma=5.0).detach().numpy()
+    interior = (slice(3, -3), slice(7, -7), slice(8, -8))
+    assert np.abs(rendered - values)[interior].max() < 1e-3
+
+
+def test_intensity_window_maps_back_to_unit_attenuation():
+    crop = 6
+    grid = VolumeGeometry((6, 12, 12), (1.0, 1.0, 1.0))
+    hu = np.linspace(-400, 500, grid.nVoxel[2])[None, None, :] * np.ones(grid.nVoxel)
+    unit = torch.from_numpy(hu_to_unit(hu).astype(np.float32))
+    field = infer_field(unit, grid, VoxelPrior(crop), voxel_metadata(crop, window=(-175.0, 250.0)),
+                        ZeroShotConfig(overlap=0.0, min_intensity=0.0))
+    expected = (np.clip(hu, -175, 250) + 175) / 4095.0
+    index = np.rint(grid.world_to_index(field.means.detach().double().numpy())).astype(int)
+    np.testing.assert_allclose(field.intensities.detach().numpy(), expected[index[:, 2], index[:, 1], index[:, 0]],
+                               atol=1e-6)
+    assert "clip(u" in field.metadata["intensity_note"]
+
+
+def test_pruning_skips_empty_windows_and_drops_faint_and_outside_gaussians():
+    crop = 8
+    grid = VolumeGeometry((8, 16, 24), (1.0, 1.0, 1.0))
+    values = np.zeros(grid.nVoxel, dtype=np.float32)  # air everywhere except a block in one window
+    values[2:6, 2:6, 2:6] = 0.3
+    values[3, 3, 3] = 0.0005  # fainter than min_intensity
+    prior = VoxelPrior(crop)
+    field = infer_field(torch.from_numpy(values), grid, prior, voxel_metadata(crop), ZeroShotConfig(overlap=0.0))
+    assert field.metadata["windows"]["total"] == 6 and field.metadata["windows"]["inferred"] == 1
+    assert len(field) == 4 * 4 * 4 - 1 and bool((field.intensities >= 1e-3 * 0.999).all())
+    # A Gaussian whose whole 3σ box lies outside the volume is dropped even when bright.
+    lone = VolumeGeometry((5, 8, 8), (1.0, 1.0, 1.0))  # windows of 8 centred: z padded by 1 voxel each side
+    plain = ZeroShotConfig(overlap=0.0)
+    bright = np.full(lone.nVoxel, 0.3, dtype=np.float32)
+    kept = infer_field(torch.from_numpy(bright), lone, VoxelPrior(crop, (0.15,) * 3), voxel_metadata(crop), plain)
+    assert len(kept) == bright.size  # the padded planes (1 and 2 voxels out, 3σ = 0.45 voxel) are gone
+    wider = infer_field(torch.from_numpy(bright), lone, VoxelPrior(crop, (0.2,) * 3), voxel_metadata(crop), plain)
+    assert len(wider) == bright.size + 2 * 64  # 3σ = 0.6 voxel: the planes 1 voxel out reach in
+    capped = infer_field(torch.from_numpy(bright), lone, VoxelPrior(crop), voxel_metadata(crop),
+                         ZeroShotConfig(overlap=0.0, max_gaussians=50))
+    assert len(capped) == 50
+
+
+def test_window_layout_covers_the_grid_and_is_centred():
+    grid = VolumeGeometry((30, 101, 122), (3.0, 3.0, 3.0))
+    layout = window_layout(grid, 32)
+    assert [len(s) for s in layout.starts] == [1, 4, 4] and layout.stride == 32
+    assert layout.starts[0] == (-1,) and layout.pad_before == (1, 13, 3) and layout.pad_after == (1, 14, 3)
+    overlapping = window_layout(grid, 32, overlap=0.25)
+    assert overlapping.stride == 24 and [len(s) for s in overlapping.starts] == [1, 4, 5]
+    for axis, n in enumerate(grid.nVoxel):
+        starts = overlapping.starts[axis]
+        assert starts[0] <= 0 and starts[-1] + 32 >= n
+
+
+def tiny_prior_file(path, architecture="medgmae-star", crop=16, seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(architecture=architecture, crop_size=crop, patch_size=8, encoder_dim=24, encoder_depth=1,
+                      encoder_heads=2, decoder_dim=12, decoder_depth=1, decoder_heads=2, n_gaussians=8,
+                      levels=(2, 3), max_scale=0.25)
+    model = build_model(cfg)
+    data_cfg = DataConfig(spacing_mm=3.0, window_hu=(-1024.0, 3071.0), crop_size=crop)
+    save_prior(path, model, prior_metadata(cfg, data_cfg, {"root": "test", "n_volumes": 0}, step=0))
+    return path
+
+
+def test_levels_batching_and_the_registered_initialisers(tmp_path):
+    star = tiny_prior_file(tmp_path / "star.pt")
+    single = tiny_prior_file(tmp_path / "single.pt", architecture="medgmae")
+    model, meta = load_zero_shot_prior(star)
+    grid = VolumeGeometry((20, 30, 28), (3.0, 3.0, 3.0))
+    unit = torch.from_numpy(smooth_volume(grid.nVoxel, seed=5))
+    one = infer_field(unit, grid, model, meta, ZeroShotConfig(overlap=0.0, min_intensity=0.0, batch_size=1))
+    many = infer_field(unit, grid, model, meta, ZeroShotConfig(overlap=0.0, min_intensity=0.0, batch_size=32))
+    first = infer_field(unit, grid, model, meta, ZeroShotConfig(overlap=0.0, min_intensity=0.0, levels="first"))
+    windows = one.metadata["windows"]["inferred"]
+    assert windows == 2 * 2 * 2
+    assert one.metadata["gaussians"]["produced"] == windows * (8 + 16 + 24)
+    assert first.metadata["gaussians"]["produced"] == windows * 8
+    torch.testing.assert_close(one.render(grid), many.render(grid), atol=1e-5, rtol=1e-4)
+
+    try:
+        register_prior_initializers(star)
+        fdk = unit.clone()
+        field = get_initializer("medgmae-star")(fdk, grid, 10_000, None)
+        inferred = field.metadata["windows"]["inferred"]
+        assert field.metadata["windows"]["stride"] == 8 and inferred > windows  # the default: half-overlapping
+        assert isinstance(field, GaussianField) and field.metadata["gaussians"]["produced"] == inferred * 48
+        level0 = get_initializer("medgmae")(fdk, grid, 10_000, None)
+        assert level0.metadata["gaussians"]["produced"] == inferred * 8
+        assert len(get_initializer("medgmae-star")(fdk, grid, 20, None)) == 20
+        register_prior_initializers(single)
+        with pytest.raises(ValueError, match="needs a MedGMAE\\* prior"):
+            get_initializer("medgmae-star")(fdk, grid, 10_000, None)
+        with pytest.raises(ValueError, match="prior not found"):
+            register_prior_initializers(tmp_path / "missing.pt")
+    finally:
+        register_prior_initializers()
+
+
+def plane_errors(rendered: np.ndarray, reference: np.ndarray, axis: int) -> np.ndarray:
+    """Mean |rendered − reference| of every plane perpendicular to ``axis``."""
+    return np.abs(rendered - reference).mean(axis=tuple(a for a in range(3) if a != axis))
+
+
+def window_faces(layout, axis: int) -> list:
+    """Indices of the first voxel of every window after the first along ``axis`` (inside the volume)."""
+    return [s for s in layout.starts[axis][1:] if 0 < s < layout.grid.nVoxel[axis]]
+
+
+@pytest.mark.skipif(not (SHIPPED / SHIPPED_PRIORS["medgmae-star"]).is_file(), reason="shipped prior absent")
+def test_shipped_prior_stitches_real_ct_without_seams():
+    """With the default blended half-overlapping windows, the planes where windows begin and end fit the
+    CT no worse than the planes between them (a seam is a plane of higher error on either side of a
+    face). The same check flags the non-overlapping layout, where these small CPU priors leave Gaussian
+    tails across the window faces (the reason for the default)."""
+    hu, spacing = load_volume(SAMPLE)
+    unit = hu_to_unit(hu)[:, 20:84, 13:109].astype(np.float32)  # 30×64×96 voxels at 3 mm: 2×3 windows of 32
+    grid = VolumeGeometry(unit.shape, spacing)
+    model, meta = load_zero_shot_prior(SHIPPED / SHIPPED_PRIORS["medgmae-star"])
+    size = meta["crop_size"][0]
+
+    def worst_face(overlap):
+        field = infer_field(torch.from_numpy(unit), grid, model, meta, ZeroShotConfig(overlap=overlap))
+        rendered = field.render(grid).detach().numpy()
+        layout = window_layout(grid, size, overlap)
+        ratios = []
+        for axis in (1, 2):
+            errors = plane_errors(rendered, unit, axis)
+            typical = np.median(errors)
+            for face in window_faces(layout, axis):
+                for start in (face, face + size):  # a window's first plane, and the plane after its last
+                    if 0 < start < len(errors):
+                        ratios.append(max(errors[start - 1], errors[start]) / typical)
+        return max(ratios), layout
+
+    blended, layout = worst_face(0.5)
+    assert layout.stride == size // 2 and len(window_faces(layout, 2)) >= 4
+    assert blended < 1.4, blended
+    seamed, layout = worst_face(0.0)
+    assert [len(s) for s in layout.starts] == [1, 2, 3]
+    assert seamed > 2.0, seamed
+
+
+def run_cli(args):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_infer_writes_gaussians_and_rendering(tmp_path):
+    prior = tiny_prior_file(tmp_path / "star.pt")
+    grid = VolumeGeometry((10, 20, 18), (3.0, 3.0, 3.0))
+    hu = smooth_volume(grid.nVoxel, seed=2) * 4095 - 1024
+    volume = tmp_path / "ct.nii.gz"
+    save_volume(volume, hu, grid.dVoxel, origin=(-100.0, 20.0, 5.0))
+    out, render = tmp_path / "g" / "gaussians.npz", tmp_path / "r.nii.gz"
+    code, stdout, stderr = run_cli(["infer", volume, "--prior", prior, "--out", out, "--render", render,
+                                    "--device", "cpu"])
+    assert code == 0, stderr
+    field = GaussianField.load(out)
+    assert len(field) > 0 and "prior" in field.metadata
+    rendered, spacing = load_volume(render)
+    assert rendered.shape == grid.nVoxel and spacing == pytest.approx(grid.dVoxel)
+    expected = GaussianField.load(out).render(grid).detach().numpy() * 4095 - 1024  # scan frame: centred grid
+    np.testing.assert_allclose(rendered, expected, atol=0.05)
+    assert "Gaussians" in stdout and str(out) in stdout
+
+    code, _, stderr = run_cli(["infer", volume, "--prior", tmp_path / "nope.pt", "--out", tmp_path / "x.npz"])
+    assert code == 2 and "checkpoint not found" in stderr and not (tmp_path / "x.npz").exists()
+    code, _, stderr = run_cli(["infer", volume, "--prior", prior, "--out", tmp_path / "x.txt"])
+    assert code == 2 and ".npz" in stderr
