@@ -13,9 +13,9 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install "torch==${TORCH_VERSION}"
   else
     echo "install.sh: no GPU: installing the CPU build of torch ${TORCH_VERSION}"
-    # A local wheel (pip's find-links) first, without touching any index; else PyTorch's CPU index.
-    "$PY" -m pip install --no-index "torch==${TORCH_VERSION}+cpu" 2>/dev/null \
-      || "$PY" -m pip install --no-index "torch==${TORCH_VERSION}" 2>/dev/null \
+    # The +cpu build from pip's configured sources first (a local find-links wheel, say; PyPI has
+    # no +cpu builds, so elsewhere this fails at once), else from PyTorch's CPU index.
+    "$PY" -m pip install "torch==${TORCH_VERSION}+cpu" \
       || "$PY" -m pip install "torch==${TORCH_VERSION}+cpu" --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
