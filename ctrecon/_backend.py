@@ -89,9 +89,15 @@ class LazyExtension:
 
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 
+#: Compiler/linker flags for OpenMP. at::parallel_for (a header template) runs in parallel only in an
+#: extension compiled with OpenMP, which then shares torch's OpenMP runtime and torch.set_num_threads.
+#: Apple's clang has no OpenMP: there the CPU extensions build without it and run on one thread.
+OPENMP_FLAGS = {"linux": ("-fopenmp",), "win32": ("/openmp",)}.get(sys.platform, ())
+
 #: Joseph forward / adjoint projector for CPU tensors (ctrecon/csrc/projector.cpp).
-cpu_projector = LazyExtension("cpu_projector", ["projector.cpp"])
+cpu_projector = LazyExtension("cpu_projector", ["projector.cpp"], extra_cflags=("-O3", *OPENMP_FLAGS),
+                              extra_ldflags=OPENMP_FLAGS)
 
 #: Gaussian voxelizer for CPU tensors (ctrecon/csrc/voxelize_cpu.cpp), OpenMP over slices / Gaussians.
-cpu_voxelizer = LazyExtension("cpu_voxelizer", ["voxelize_cpu.cpp"], extra_cflags=("-O3", "-fopenmp"),
-                              extra_ldflags=("-fopenmp",))
+cpu_voxelizer = LazyExtension("cpu_voxelizer", ["voxelize_cpu.cpp"], extra_cflags=("-O3", *OPENMP_FLAGS),
+                              extra_ldflags=OPENMP_FLAGS)

@@ -31,11 +31,12 @@ compiled CPU path in ``csrc/projector.cpp``, and any GPU kernel):
 Backends: CPU tensors use the compiled CPU path (``csrc/projector.cpp``), CUDA float32 tensors the
 CUDA kernels (``ctrecon._cuda``), both built on first use (``_backend.LazyExtension``); where a build
 fails, for other devices/dtypes, or with ``CTRECON_FORCE_REFERENCE=1``, the torch reference runs.
-The reference works on chunks of rays whose temporaries fit ``memory_budget`` bytes, so memory stays
-bounded for any number of views; the compiled path needs two zero-padded copies of the volume.
+The reference works on chunks of detector rows whose temporaries fit ``memory_budget`` bytes, so memory
+stays bounded for any number of views; the compiled CPU path needs one zero-padded copy of the volume.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Iterator
 
@@ -264,11 +265,12 @@ class Projector:
     def _footprints(self, batch: int, dtype: torch.dtype, device: torch.device) -> Iterator[tuple]:
         """The operator's samples, chunk by chunk, on the zero-padded ``[Z+2, Y+2, X+2]`` volume.
 
-        Yields ``(rays [R], offset [R, S], corner (4 ints), frac_p [R, S], frac_q [R, S], length [1, R])``:
+        Yields ``(rays [R], offset [R, S], corner (4 offsets), frac_p [R, S], frac_q [R, S], length [1, R])``:
         ``rays`` index the flattened projections; sample (ray, s) interpolates the padded voxels at
         ``offset + corner[k]`` (lower corner, +p, +q, +p+q) with fractions frac_p, frac_q, and the ray's
         sum is multiplied by ``length``. Slices where a chunk's samples are all zero are left out.
-        Chunks are blocks of detector rows of one view, sized so that temporaries fit the memory budget.
+        A chunk is a block of detector rows of one view, or of columns of one row on wide detectors,
+        sized so that its temporaries fit the memory budget.
         """
         n_views, n_rows, n_cols = self.projection_shape
         nz, ny, nx = self.volume_shape
@@ -278,38 +280,41 @@ class Projector:
         spacing = torch.tensor(self._spacing_xyz, dtype=torch.float64, device=device)
         views = self._views_on(device)
         budget = self.memory_budget or _default_budget(device)
-        per_row = n_cols * max(nx, ny, nz) * (_BYTES_PER_SAMPLE + _BYTES_PER_SAMPLE_PER_ITEM * batch)
-        rows_per_chunk = max(1, budget // per_row)
+        bytes_per_ray = max(nx, ny, nz) * (_BYTES_PER_SAMPLE + _BYTES_PER_SAMPLE_PER_ITEM * batch)
+        rays_per_chunk = max(1, budget // bytes_per_ray)
+        cols_per_chunk = min(n_cols, rays_per_chunk)
+        rows_per_chunk = max(1, rays_per_chunk // n_cols) if cols_per_chunk == n_cols else 1
+        blocks = [(row0, min(row0 + rows_per_chunk, n_rows), col0, min(col0 + cols_per_chunk, n_cols))
+                  for row0 in range(0, n_rows, rows_per_chunk) for col0 in range(0, n_cols, cols_per_chunk)]
         columns = torch.arange(n_cols, dtype=torch.float64, device=device)[None, :, None]
-        for view in range(n_views):
+        for view, (row0, row1, col0, col1) in itertools.product(range(n_views), blocks):
             source, first_pixel, step_u, step_v = views[view].view(4, 3)
-            for row0 in range(0, n_rows, rows_per_chunk):
-                row1 = min(row0 + rows_per_chunk, n_rows)
-                rows = torch.arange(row0, row1, dtype=torch.float64, device=device)[:, None, None]
-                direction = (first_pixel + columns * step_u + rows * step_v - source).reshape(-1, 3)
-                size = direction.abs()
-                m = torch.where((size[:, 0] >= size[:, 1]) & (size[:, 0] >= size[:, 2]), 0,
-                                torch.where(size[:, 1] >= size[:, 2], 1, 2))
-                axes = torch.cat([m[:, None], plane_axes[m]], dim=1)  # [R, 3]: m, p, q per ray
-                d = direction.gather(1, axes)
-                s0 = source.expand(axes.shape[0], 3).gather(1, axes)
-                slopes = d[:, 1:] / d[:, :1]                       # [R, 2]: dp/dm, dq/dm
-                starts = s0[:, 1:] - s0[:, :1] * slopes            # coordinate at slice 0
-                n = counts[axes]                                   # [R, 3] voxel counts along m, p, q
-                first, last = _slice_range(starts, slopes, n)
-                if first >= last:
-                    continue
-                s = torch.arange(first, last, device=device)
-                low_p, frac_p = _floor_in_grid(starts[:, 0:1] + s * slopes[:, 0:1], n[:, 1:2])
-                low_q, frac_q = _floor_in_grid(starts[:, 1:2] + s * slopes[:, 1:2], n[:, 2:3])
-                stride = strides[axes]                             # [R, 3] padded strides of m, p, q
-                # Slices past a ray's own count (non-cubic grids) land on the zero padding plane.
-                slice_index = torch.minimum(s, n[:, 0:1]) + 1
-                offset = slice_index * stride[:, 0:1] + (low_p + 1) * stride[:, 1:2] + (low_q + 1) * stride[:, 2:3]
-                corner = (0, stride[:, 1:2], stride[:, 2:3], stride[:, 1:2] + stride[:, 2:3])
-                length = (direction * spacing).norm(dim=1) / d[:, 0].abs()
-                rays = torch.arange((view * n_rows + row0) * n_cols, (view * n_rows + row1) * n_cols, device=device)
-                yield rays, offset, corner, frac_p.to(dtype), frac_q.to(dtype), length.to(dtype)[None]
+            rows = torch.arange(row0, row1, dtype=torch.float64, device=device)[:, None, None]
+            direction = (first_pixel + columns[:, col0:col1] * step_u + rows * step_v - source).reshape(-1, 3)
+            size = direction.abs()
+            m = torch.where((size[:, 0] >= size[:, 1]) & (size[:, 0] >= size[:, 2]), 0,
+                            torch.where(size[:, 1] >= size[:, 2], 1, 2))
+            axes = torch.cat([m[:, None], plane_axes[m]], dim=1)  # [R, 3]: m, p, q per ray
+            d = direction.gather(1, axes)
+            s0 = source.expand(axes.shape[0], 3).gather(1, axes)
+            slopes = d[:, 1:] / d[:, :1]                       # [R, 2]: dp/dm, dq/dm
+            starts = s0[:, 1:] - s0[:, :1] * slopes            # coordinate at slice 0
+            n = counts[axes]                                   # [R, 3] voxel counts along m, p, q
+            first, last = _slice_range(starts, slopes, n)
+            if first >= last:
+                continue
+            s = torch.arange(first, last, device=device)
+            low_p, frac_p = _floor_in_grid(starts[:, 0:1] + s * slopes[:, 0:1], n[:, 1:2])
+            low_q, frac_q = _floor_in_grid(starts[:, 1:2] + s * slopes[:, 1:2], n[:, 2:3])
+            stride = strides[axes]                             # [R, 3] padded strides of m, p, q
+            # Slices past a ray's own count (non-cubic grids) land on the zero padding plane.
+            slice_index = torch.minimum(s, n[:, 0:1]) + 1
+            offset = slice_index * stride[:, 0:1] + (low_p + 1) * stride[:, 1:2] + (low_q + 1) * stride[:, 2:3]
+            corner = (0, stride[:, 1:2], stride[:, 2:3], stride[:, 1:2] + stride[:, 2:3])
+            length = (direction * spacing).norm(dim=1) / d[:, 0].abs()
+            first_ray = (view * n_rows + row0) * n_cols + col0
+            rays = torch.arange(first_ray, first_ray + (row1 - row0 - 1) * n_cols + col1 - col0, device=device)
+            yield rays, offset, corner, frac_p.to(dtype), frac_q.to(dtype), length.to(dtype)[None]
 
 
 def _flat_index(index: torch.Tensor, batch: int) -> torch.Tensor:

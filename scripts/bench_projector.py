@@ -237,8 +237,8 @@ def main(argv=None):
               "torch": torch.__version__, "itk_rtk": use_rtk, "sizes": {}}
     print(f"threads {torch.get_num_threads()}, {args.views} views, times: median wall s (process CPU s)"
           + ("" if use_rtk else "; itk-rtk not installed or --no-itk"))
-    header = f"{'n':>4} {'backend':<15} {'forward s (cpu)':>20} {'adjoint s (cpu)':>20} {'speed-up f/a':>14} {'error':>8}"
-    print(header)
+    print(f"{'n':>4} {'backend':<15} {'forward s (cpu)':>20} {'adjoint s (cpu)':>20} {'speed-up f/a':>14} "
+          f"{'error':>8}")
     for n in sizes:
         geometry, voxels, exact = case(n, args.views)
         rows = []

@@ -201,7 +201,8 @@ struct RayAvx2 {
                            _mm256_cvtpd_ps(_mm256_sub_pd(P_lo, _mm256_cvtepi32_pd(ip_lo))));
     f.fq = _mm256_set_m128(_mm256_cvtpd_ps(_mm256_sub_pd(Q_hi, _mm256_cvtepi32_pd(iq_hi))),
                            _mm256_cvtpd_ps(_mm256_sub_pd(Q_lo, _mm256_cvtepi32_pd(iq_lo))));
-    const __m256i slice = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(s + 1)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i slice =
+        _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(s + 1)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     f.iq = _mm256_set_m128i(iq_hi, iq_lo);
     f.offset = _mm256_add_epi32(_mm256_mullo_epi32(slice, stride_m),
                                 _mm256_add_epi32(_mm256_mullo_epi32(_mm256_set_m128i(ip_hi, ip_lo), stride_p),
@@ -300,6 +301,16 @@ void ray_spread(scalar_t* data, const Ray& ray, int64_t begin, int64_t end, doub
   ray_scatter(data, ray, begin, end, weighted, row_lo, row_hi);
 }
 
+// body(i) for i in [0, n) on torch's threads, handing items out one at a time: on a busy machine the
+// threads that get more CPU take more items (a static split waits for the slowest thread).
+template <typename F>
+void parallel_items(int64_t n, const F& body) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) body(i);
+  });
+}
+
 template <typename scalar_t>
 std::vector<scalar_t> pad(const scalar_t* volume, const Grid& g) {
   std::vector<scalar_t> padded(g.padded_size, scalar_t(0));
@@ -320,16 +331,14 @@ void forward_impl(const scalar_t* volume, const Grid& g, const double* views, in
                   int64_t n_cols, scalar_t* out) {
   const std::vector<scalar_t> padded = pad(volume, g);
   const bool avx2 = use_avx2<scalar_t>(g);
-  at::parallel_for(0, n_views * n_rows, 1, [&](int64_t first, int64_t last) {
+  parallel_items(n_views * n_rows, [&](int64_t item) {  // one (view, detector row) per item
+    const double* view = views + (item / n_rows) * kViewFields;
+    const int64_t r = item % n_rows;
+    scalar_t* pixel = out + item * n_cols;
     Ray ray;
-    for (int64_t item = first; item < last; ++item) {
-      const double* view = views + (item / n_rows) * kViewFields;
-      const int64_t r = item % n_rows;
-      scalar_t* pixel = out + item * n_cols;
-      for (int64_t c = 0; c < n_cols; ++c) {
-        pixel[c] = setup_ray(view, r, c, g, ray) ? static_cast<scalar_t>(ray_integral(padded.data(), ray, avx2))
-                                                 : scalar_t(0);
-      }
+    for (int64_t c = 0; c < n_cols; ++c) {
+      pixel[c] = setup_ray(view, r, c, g, ray) ? static_cast<scalar_t>(ray_integral(padded.data(), ray, avx2))
+                                               : scalar_t(0);
     }
   });
 }
@@ -409,13 +418,9 @@ void adjoint_impl(const scalar_t* proj, const Grid& g, const double* views, int6
   std::vector<scalar_t> padded(g.padded_size, scalar_t(0));
   const bool avx2 = use_avx2<scalar_t>(g);
   const int64_t nz = g.n[2];
-  const int64_t n_slabs = (nz + slab_rows - 1) / slab_rows;
-  std::atomic<int64_t> next_slab{0};
-  at::parallel_for(0, std::min<int64_t>(n_slabs, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    for (int64_t slab; (slab = next_slab.fetch_add(1)) < n_slabs;) {
-      const int64_t k_begin = slab * slab_rows, k_end = std::min(nz, k_begin + slab_rows);
-      adjoint_slab(proj, g, views, n_views, n_rows, n_cols, k_begin, k_end, avx2, padded.data());
-    }
+  parallel_items((nz + slab_rows - 1) / slab_rows, [&](int64_t slab) {
+    const int64_t k_begin = slab * slab_rows, k_end = std::min(nz, k_begin + slab_rows);
+    adjoint_slab(proj, g, views, n_views, n_rows, n_cols, k_begin, k_end, avx2, padded.data());
   });
   const int64_t nx = g.n[0], ny = g.n[1];
   at::parallel_for(0, nz, 1, [&](int64_t k0, int64_t k1) {
