@@ -547,7 +547,7 @@ def report(runs, out, device, seed):
               help="Also write the field rendered on the volume's grid (.nii.gz/.nii, in the input's units).")
 @click.option("--levels", default="all", show_default=True, type=click.Choice(["all", "first"]),
               help="all: every MedGMAE* level; first: level 0 only (MedGMAE).")
-@click.option("--overlap", default=0.5, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+@click.option("--overlap", default=0.75, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Window overlap (fraction of a window), blended; 0: non-overlapping windows (the paper's).")
 @click.option("--no-resample", is_flag=True, help="Cut windows at the volume's own spacing, not the prior's.")
 @click.option("--input-units", default="hu", show_default=True, type=click.Choice(["hu", "unit"]),

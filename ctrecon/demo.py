@@ -86,7 +86,7 @@ def _slices_figure(path: Path, panels: list) -> None:
     fig, axes = plt.subplots(2, len(panels), figsize=(2.6 * len(panels), 5.2), squeeze=False)
     for col, (title, volume) in enumerate(panels):
         for row, image in enumerate((volume[volume.shape[0] // 2], volume[:, volume.shape[1] // 2][::-1])):
-            axes[row, col].imshow(image, cmap="gray", vmin=0.0, vmax=0.5, aspect="auto" if row else "equal")
+            axes[row, col].imshow(image, cmap="gray", vmin=0.0, vmax=0.5)
             axes[row, col].axis("off")
         axes[0, col].set_title(title, fontsize=8)
     fig.suptitle("centre slices, unit attenuation 0-0.5 (top: axial, bottom: coronal)", fontsize=9)

@@ -18,8 +18,8 @@ REPO=$(pwd)
 DATA=${DATA:-$REPO/../shared/data/ct}
 WORK=${WORK:-/tmp/ctrecon_shipped_priors}
 ARCHS=${ARCHS:-"medgmae medgmae-star"}
-STEPS_MEDGMAE=${STEPS_MEDGMAE:-1000}
-STEPS_STAR=${STEPS_STAR:-1800}
+STEPS_MEDGMAE=${STEPS_MEDGMAE:-3500}
+STEPS_STAR=${STEPS_STAR:-3500}
 BATCH=${BATCH:-4}
 DEVICE=${DEVICE:-cpu}
 SEED=${SEED:-0}
@@ -49,12 +49,14 @@ from priors.pretrain import TrainConfig, pretrain
 arch, steps = sys.argv[1], int(sys.argv[2])
 # "tiny" widths (encoder 96 x 2 blocks, decoder 48 x 1 block) on 32-voxel crops cut into 8-voxel
 # patches (64 tokens); MedGMAE: 256 Gaussians per crop; MedGMAE*: 128 + 2·128 + 4·128 = 896. σ is capped
-# at a quarter of the crop (8 voxels, 24 mm): wider Gaussians touch the whole crop and double the step time.
+# at 0.08 of the crop (2.6 voxels, 7.7 mm): with a cap of a quarter crop the network used σ ≈ 7 voxels,
+# blurry fields whose Gaussians each cover ~70 000 voxels, making a 3DGR-CT iteration 7× slower than
+# with the fbp initialisation's 20 000 small Gaussians.
 # Mask ratio 0.25 (48 of 64 patches visible), not the paper's 0.75: zero-shot inference shows the encoder
 # every patch, and a small network trained on 16 visible tokens does not carry over to 64 (all-visible
 # crop MSE 0.033 vs 0.005 after re-training at 0.25, on the held-out abdomen).
 overrides = dict(crop_size=32, patch_size=8, n_gaussians=256 if arch == "medgmae" else 128, levels=(2, 4),
-                 max_scale=0.25, mask_ratio=0.25,
+                 max_scale=0.08, mask_ratio=0.25,
                  level_scale_offsets=(0.02, 0.05), loss="masked")
 model_cfg = model_config("tiny", arch, **overrides)
 data_cfg = DataConfig(spacing_mm=3.0, window_hu=(-1024.0, 3071.0), foreground_hu=-500.0, crop_size=32,

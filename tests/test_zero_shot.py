@@ -228,7 +228,7 @@ def test_levels_batching_and_the_registered_initialisers(tmp_path):
         fdk = unit.clone()
         field = get_initializer("medgmae-star")(fdk, grid, 10_000, None)
         inferred = field.metadata["windows"]["inferred"]
-        assert field.metadata["windows"]["stride"] == 8 and inferred > windows  # the default: half-overlapping
+        assert field.metadata["windows"]["stride"] == 4 and inferred > windows  # the default: overlap 0.75
         assert isinstance(field, GaussianField) and field.metadata["gaussians"]["produced"] == inferred * 48
         level0 = get_initializer("medgmae")(fdk, grid, 10_000, None)
         assert level0.metadata["gaussians"]["produced"] == inferred * 8
@@ -247,43 +247,45 @@ def plane_errors(rendered: np.ndarray, reference: np.ndarray, axis: int) -> np.n
     return np.abs(rendered - reference).mean(axis=tuple(a for a in range(3) if a != axis))
 
 
-def window_faces(layout, axis: int) -> list:
-    """Indices of the first voxel of every window after the first along ``axis`` (inside the volume)."""
-    return [s for s in layout.starts[axis][1:] if 0 < s < layout.grid.nVoxel[axis]]
-
-
 @pytest.mark.skipif(not (SHIPPED / SHIPPED_PRIORS["medgmae-star"]).is_file(), reason="shipped prior absent")
 def test_shipped_prior_stitches_real_ct_without_seams():
-    """With the default blended half-overlapping windows, the planes where windows begin and end fit the
-    CT no worse than the planes between them (a seam is a plane of higher error on either side of a
-    face). The same check flags the non-overlapping layout, where these small CPU priors leave Gaussian
-    tails across the window faces (the reason for the default)."""
+    """A seam is an error tied to the window grid, not to the anatomy: the same CT region is stitched
+    twice, with the window grid shifted by a quarter window, and on every plane where one layout has a
+    window face its error is compared with the other layout's error on that same anatomical plane.
+    The default blended layout shows no excess; the non-overlapping one (the check's negative
+    control) does with these small CPU priors, whose Gaussian tails cross the window faces."""
     hu, spacing = load_volume(SAMPLE)
-    unit = hu_to_unit(hu)[:, 20:84, 13:109].astype(np.float32)  # 30×64×96 voxels at 3 mm: 2×3 windows of 32
-    grid = VolumeGeometry(unit.shape, spacing)
+    region = hu_to_unit(hu)[:, 20:92, 13:117].astype(np.float32)  # 30×72×104 voxels at 3 mm
     model, meta = load_zero_shot_prior(SHIPPED / SHIPPED_PRIORS["medgmae-star"])
     size = meta["crop_size"][0]
+    shift = size // 4
 
-    def worst_face(overlap):
-        field = infer_field(torch.from_numpy(unit), grid, model, meta, ZeroShotConfig(overlap=overlap))
-        rendered = field.render(grid).detach().numpy()
-        layout = window_layout(grid, size, overlap)
+    def face_excess(overlap):
+        errors, faces = {}, {}
+        for offset in (0, shift):
+            volume = region[:, offset:offset + 64, offset:offset + 96]  # 2×3 windows of 32 without overlap
+            grid = VolumeGeometry(volume.shape, spacing)
+            field = infer_field(torch.from_numpy(volume), grid, model, meta, ZeroShotConfig(overlap=overlap))
+            rendered = field.render(grid).detach().numpy()
+            layout = window_layout(grid, size, overlap)
+            for axis in (1, 2):
+                errors[offset, axis] = plane_errors(rendered, volume, axis)
+                faces[offset, axis] = sorted({f + offset for s in layout.starts[axis] for f in (s, s + size)
+                                              if 0 < f < volume.shape[axis]})
         ratios = []
-        for axis in (1, 2):
-            errors = plane_errors(rendered, unit, axis)
-            typical = np.median(errors)
-            for face in window_faces(layout, axis):
-                for start in (face, face + size):  # a window's first plane, and the plane after its last
-                    if 0 < start < len(errors):
-                        ratios.append(max(errors[start - 1], errors[start]) / typical)
-        return max(ratios), layout
+        for mine, other in ((0, shift), (shift, 0)):
+            for axis in (1, 2):
+                for face in faces[mine, axis]:  # planes face-1 and face straddle it (region coordinates)
+                    i, j = face - mine, face - other
+                    if 1 <= j < len(errors[other, axis]):
+                        ours, theirs = errors[mine, axis], errors[other, axis]
+                        ratios.append(max(ours[i - 1], ours[i]) / max(theirs[j - 1], theirs[j]))
+        return max(ratios), len(ratios)
 
-    blended, layout = worst_face(0.5)
-    assert layout.stride == size // 2 and len(window_faces(layout, 2)) >= 4
-    assert blended < 1.4, blended
-    seamed, layout = worst_face(0.0)
-    assert [len(s) for s in layout.starts] == [1, 2, 3]
-    assert seamed > 2.0, seamed
+    blended, count = face_excess(ZeroShotConfig().overlap)
+    assert count >= 20 and blended < 1.5, blended
+    seamed, count = face_excess(0.0)
+    assert count >= 6 and seamed > 2.0, seamed
 
 
 def run_cli(args):
