@@ -7,6 +7,7 @@ Set ``CTRECON_DEBUG=1`` to see tracebacks of unexpected errors.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 
@@ -322,6 +323,21 @@ def pretrain(data, config_name, architecture, out, steps, batch, accum, lr, warm
         click.echo(f"prior: {summary['prior']}\ncheckpoint: {summary['checkpoint']}\nlog: {summary['log']}")
 
 
+def _config_settings(config_path) -> dict:
+    """The ReconstructConfig settings of a --config JSON file ({} without one); a run's config.json,
+    which nests them under "config", works too."""
+    if config_path is None:
+        return {}
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            settings = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"cannot read --config {config_path}: {err}") from None
+    if not isinstance(settings, dict):
+        raise InputError(f"--config {config_path} must hold a JSON object")
+    return settings.get("config", settings)
+
+
 def _case_name(scan, scan_path: str) -> str:
     """Name of the imaged case for reports: meta "case", else the source file named in meta "source"
     (e.g. "NIfTI chest.nii.gz (...)" -> "chest"), else the scan file's stem."""
@@ -412,7 +428,6 @@ def reconstruct(scan_path, init, init_gaussians, prior, init_options, iters, vie
       ctrecon reconstruct scan.npz --iters 3000 --views-per-iter 10 --stop-at-psnr 35 --out run_fast/
       ctrecon reconstruct scan.npz --init medgmae-star --prior ckpt/prior.pt --out run_prior/
     """
-    import json
 
     from tqdm import tqdm
 
@@ -423,16 +438,7 @@ def reconstruct(scan_path, init, init_gaussians, prior, init_options, iters, vie
 
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--out {out} exists and is not a folder")
-    settings = {}
-    if config_path is not None:
-        try:
-            with open(config_path, encoding="utf-8") as handle:
-                settings = json.load(handle)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise InputError(f"cannot read --config {config_path}: {err}") from None
-        if not isinstance(settings, dict):
-            raise InputError(f"--config {config_path} must hold a JSON object")
-        settings = settings.get("config", settings)  # a run's config.json nests the settings
+    settings = _config_settings(config_path)
     overrides = {"iterations": iters, "views_per_iter": views_per_iter, "eval_every": eval_every,
                  "n_gaussians": n_gaussians, "max_gaussians": max_gaussians, "loss": loss, "lambda_dssim": dssim,
                  "lambda_tv": tv, "coarse_iterations": coarse_iters, "stop_at_psnr": stop_at_psnr}
@@ -611,7 +617,8 @@ def infer(volume, prior, out, render, levels, overlap, no_resample, input_units,
     click.echo(f"{source.description}: {_shape_text(source.array.shape)} voxels at {_shape_text(source.spacing, '.3g')} mm")
     click.echo(f"{meta['architecture']} prior ({'all levels' if config.levels == 'all' else 'level 0'}, "
                f"crop {meta['crop_size'][0]} at {_shape_text(meta['voxel_spacing_mm'], '.3g')} mm): "
-               f"{windows['inferred']} of {windows['total']} windows inferred (the rest empty), "
+               f"{windows['inferred']} of {windows['total']} windows inferred "
+               f"({windows['total'] - windows['inferred']} empty), "
                f"{counts['kept']} Gaussians kept of {counts['produced']}, {seconds:.1f} s on {device}")
     if render is not None:
         with torch.no_grad():
@@ -627,7 +634,8 @@ def infer(volume, prior, out, render, levels, overlap, no_resample, input_units,
 
 
 def _benchmark_events(echo):
-    """tqdm progress for :func:`ctrecon.benchmark.run_benchmark` events (one bar per run)."""
+    """tqdm progress for :func:`ctrecon.benchmark.run_benchmark` events (one bar per run; without a
+    terminal, one line per evaluation)."""
     from tqdm import tqdm
 
     state = {"bar": None, "postfix": {}}
@@ -645,6 +653,10 @@ def _benchmark_events(echo):
             if p.evaluation is not None and p.evaluation["psnr"] is not None:
                 state["postfix"].update(psnr=f"{p.evaluation['psnr']:.2f}", ssim=f"{p.evaluation['ssim_slice']:.3f}")
                 state["bar"].set_postfix(state["postfix"], refresh=False)
+                if state["bar"].disable:  # no terminal (a log file): a line per evaluation instead of a bar
+                    echo(f"{event.case} {event.views} views {event.init}: iteration {p.iteration}, "
+                         f"PSNR {p.evaluation['psnr']:.2f} dB, SSIM {p.evaluation['ssim_slice']:.4f}, "
+                         f"{p.seconds:.1f} s")
         elif event.kind == "run_end":
             if state["bar"] is not None:
                 state["bar"].close()
@@ -699,7 +711,6 @@ def benchmark(cases, views, inits, iters, eval_every, views_per_iter, n_gaussian
       ctrecon benchmark ct1.nii.gz ct2.nii.gz --views 80,120,160 --inits fbp,medgmae,medgmae-star --out bench/
       ctrecon benchmark ct.nii.gz --views 120 --iters 2000 --views-per-iter 10 --spacing 6 --device cpu --out b/
     """
-    import json
 
     from .benchmark import run_benchmark
     from .reconstruct import ReconstructConfig
@@ -710,16 +721,7 @@ def benchmark(cases, views, inits, iters, eval_every, views_per_iter, n_gaussian
     spacing = _parse_numbers(spacing, "--spacing", count=3, kind=float, allow_single=True) if spacing else None
     if shape is not None and spacing is not None:
         raise InputError("--shape and --spacing are mutually exclusive: give one")
-    settings = {}
-    if config_path is not None:
-        try:
-            with open(config_path, encoding="utf-8") as handle:
-                settings = json.load(handle)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise InputError(f"cannot read --config {config_path}: {err}") from None
-        if not isinstance(settings, dict):
-            raise InputError(f"--config {config_path} must hold a JSON object")
-        settings = settings.get("config", settings)
+    settings = _config_settings(config_path)
     overrides = {"iterations": iters, "eval_every": eval_every, "views_per_iter": views_per_iter,
                  "n_gaussians": n_gaussians}
     settings.update({k: v for k, v in overrides.items() if v is not None})

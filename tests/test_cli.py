@@ -10,30 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctrecon.cli import main
 from ctrecon.geometry import ConeBeamGeometry, VolumeGeometry
 from ctrecon.io import Scan, load_scan, load_volume, save_scan
 from ctrecon.metrics import psnr, ssim3d, ssim_slice
 from ctrecon.phantoms import ellipsoid_volume, shepp_logan_3d
 from ctrecon.simulate import unit_to_hu
 
+from cli_helpers import run_cli
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample_abdomen_small.nii.gz"
-
-
-def run(args):
-    """``ctrecon ARGS`` in-process: (exit code, stdout, stderr)."""
-    import contextlib
-    import io
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def console(args, cwd):
@@ -66,7 +52,7 @@ def phantom_hu(tmp_path_factory):
 @pytest.fixture(scope="module")
 def small_scan(phantom_hu, tmp_path_factory):
     path = tmp_path_factory.mktemp("scan") / "scan.npz"
-    assert run(["simulate", phantom_hu, "--views", 48, "--device", "cpu", "--out", path])[0] == 0
+    assert run_cli(["simulate", phantom_hu, "--views", 48, "--device", "cpu", "--out", path])[0] == 0
     return path
 
 
@@ -105,7 +91,7 @@ def test_console_bad_input_is_one_line_without_traceback(tmp_path):
 # --------------------------------------------------------------------------- simulate
 def test_simulate_with_noise_resampling_and_new_output_folder(phantom_hu, tmp_path):
     out = tmp_path / "new" / "deeper" / "scan.npz"  # missing folders are created
-    code, stdout, _ = run(["simulate", phantom_hu, "--views", 10, "--arc", 240, "--dose", 5e4, "--electronic-noise", 2,
+    code, stdout, _ = run_cli(["simulate", phantom_hu, "--views", 10, "--arc", 240, "--dose", 5e4, "--electronic-noise", 2,
                            "--shape", "8,12,10", "--seed", 3, "--device", "cpu", "--out", out])
     assert code == 0 and "Poisson I0=50000" in stdout and "resampled to 8x12x10" in stdout
     scan = load_scan(out)
@@ -113,7 +99,7 @@ def test_simulate_with_noise_resampling_and_new_output_folder(phantom_hu, tmp_pa
     assert scan.meta["noise"]["model"] == "poisson+gaussian" and scan.meta["seed"] == 3
     assert scan.geometry.dVoxel == pytest.approx((1.5, 2.0, 2.0))
     again = tmp_path / "again.npz"
-    assert run(["simulate", phantom_hu, "--views", 10, "--arc", 240, "--dose", 5e4, "--electronic-noise", 2,
+    assert run_cli(["simulate", phantom_hu, "--views", 10, "--arc", 240, "--dose", 5e4, "--electronic-noise", 2,
                 "--spacing", "1.5,2,2", "--seed", 3, "--out", again])[0] == 0
     np.testing.assert_array_equal(load_scan(again).projections, scan.projections)  # same seed, same scan
 
@@ -130,7 +116,7 @@ def test_simulate_with_noise_resampling_and_new_output_folder(phantom_hu, tmp_pa
 ])
 def test_simulate_rejects_bad_options(phantom_hu, tmp_path, args, fragments):
     out = tmp_path / "scan.npz"
-    assert_bad_input(run(["simulate", phantom_hu, *args, "--out", out]), *fragments)
+    assert_bad_input(run_cli(["simulate", phantom_hu, *args, "--out", out]), *fragments)
     assert not out.exists()
 
 
@@ -163,23 +149,23 @@ def bad_volume(tmp_path, kind):
 def test_simulate_rejects_bad_volumes_and_keeps_existing_output(tmp_path, kind, fragments):
     out = tmp_path / "scan.npz"
     out.write_bytes(b"previous result")
-    assert_bad_input(run(["simulate", bad_volume(tmp_path, kind), "--views", 8, "--out", out]), *fragments)
+    assert_bad_input(run_cli(["simulate", bad_volume(tmp_path, kind), "--views", 8, "--out", out]), *fragments)
     assert out.read_bytes() == b"previous result"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")) == []
 
 
 def test_simulate_rejects_missing_file_wrong_suffix_and_file_as_folder(phantom_hu, tmp_path):
-    assert_bad_input(run(["simulate", tmp_path / "nope.nii.gz", "--views", 8, "--out", tmp_path / "s.npz"]), "nope.nii.gz")
-    assert_bad_input(run(["simulate", phantom_hu, "--views", 8, "--out", tmp_path / "scan.h5"]), ".npz")
+    assert_bad_input(run_cli(["simulate", tmp_path / "nope.nii.gz", "--views", 8, "--out", tmp_path / "s.npz"]), "nope.nii.gz")
+    assert_bad_input(run_cli(["simulate", phantom_hu, "--views", 8, "--out", tmp_path / "scan.h5"]), ".npz")
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert_bad_input(run(["simulate", phantom_hu, "--views", 8, "--out", blocker / "scan.npz"]), "output folder")
+    assert_bad_input(run_cli(["simulate", phantom_hu, "--views", 8, "--out", blocker / "scan.npz"]), "output folder")
 
 
 # --------------------------------------------------------------------------- fdk
 def test_fdk_writes_volume_metrics_and_json(small_scan, tmp_path):
     out = tmp_path / "recon" / "head.nii.gz"
-    code, stdout, _ = run(["fdk", small_scan, "--filter", "hann", "--device", "cpu", "--out", out])
+    code, stdout, _ = run_cli(["fdk", small_scan, "--filter", "hann", "--device", "cpu", "--out", out])
     assert code == 0
     volume, spacing = load_volume(out)
     scan = load_scan(small_scan)
@@ -196,7 +182,7 @@ def test_fdk_without_ground_truth_reports_no_metrics(small_scan, tmp_path):
     scan = load_scan(small_scan)
     bare = tmp_path / "bare.npz"
     save_scan(bare, Scan(scan.projections, scan.angles, scan.geometry))
-    code, stdout, _ = run(["fdk", bare, "--out", tmp_path / "bare.nii"])
+    code, stdout, _ = run_cli(["fdk", bare, "--out", tmp_path / "bare.nii"])
     assert code == 0 and "PSNR" not in stdout
     assert json.loads((tmp_path / "bare.json").read_text())["metrics"] is None
     assert load_volume(tmp_path / "bare.nii")[0].shape == scan.geometry.nVoxel
@@ -232,20 +218,20 @@ def scan_variant(small_scan, tmp_path, kind):
 def test_fdk_rejects_bad_scans_and_keeps_existing_output(small_scan, tmp_path, kind, fragments):
     out = tmp_path / "fdk.nii.gz"
     out.write_bytes(b"previous result")
-    assert_bad_input(run(["fdk", scan_variant(small_scan, tmp_path, kind), "--out", out]), *fragments)
+    assert_bad_input(run_cli(["fdk", scan_variant(small_scan, tmp_path, kind), "--out", out]), *fragments)
     assert out.read_bytes() == b"previous result" and not (tmp_path / "fdk.json").exists()
 
 
 def test_fdk_rejects_missing_scan_bad_suffix_and_filter(small_scan, tmp_path):
-    assert_bad_input(run(["fdk", tmp_path / "none.npz", "--out", tmp_path / "x.nii.gz"]), "none.npz")
-    assert_bad_input(run(["fdk", small_scan, "--out", tmp_path / "x.mha"]), ".nii")
-    assert_bad_input(run(["fdk", small_scan, "--filter", "wiener", "--out", tmp_path / "x.nii.gz"]), "wiener")
+    assert_bad_input(run_cli(["fdk", tmp_path / "none.npz", "--out", tmp_path / "x.nii.gz"]), "none.npz")
+    assert_bad_input(run_cli(["fdk", small_scan, "--out", tmp_path / "x.mha"]), ".nii")
+    assert_bad_input(run_cli(["fdk", small_scan, "--filter", "wiener", "--out", tmp_path / "x.nii.gz"]), "wiener")
     assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("command", ["simulate", "fdk"])
 def test_help_has_examples(command):
-    code, stdout, _ = run([command, "--help"])
+    code, stdout, _ = run_cli([command, "--help"])
     assert code == 0 and "Examples:" in stdout and f"ctrecon {command} " in stdout and "--device" in stdout
 
 

@@ -1,28 +1,16 @@
 """`ctrecon demo` (reduced to a few iterations) and `ctrecon benchmark`'s input checks."""
-import contextlib
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ctrecon.cli import main
 from ctrecon.demo import CPU_CROP, DEMO_CASE, DEMO_INITS, demo_config
 from ctrecon.gaussians import GaussianField
 
+from cli_helpers import run_cli
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(args):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_demo_runs_the_whole_pipeline_and_reports(tmp_path):
@@ -39,6 +27,7 @@ def test_demo_runs_the_whole_pipeline_and_reports(tmp_path):
     for init in DEMO_INITS:
         assert f"| {init} |" in table
     assert "to PSNR 35 dB" in table and "FDK: PSNR" in table
+    assert stdout.count("iteration 3, PSNR") == len(DEMO_INITS)  # no terminal: evaluations as log lines
     for row in summary["inits"]:
         assert row["iterations"] == 3 and np.isfinite(row["final"]["psnr"]) and row["n_gaussians_initial"] > 0
         meta = json.loads((Path(row["run"]) / "config.json").read_text())
@@ -72,3 +61,10 @@ def test_benchmark_rejects_bad_input_before_any_work(tmp_path):
     assert code == 2 and "--views" in stderr and not out.exists()
     code, _, stderr = run_cli(["benchmark", DEMO_CASE, "--inits", "fbp", "--prior", tmp_path / "p.pt", "--out", out])
     assert code == 2 and "--prior" in stderr and not out.exists()
+    bad_config = tmp_path / "config.json"
+    bad_config.write_text("[1, 2]")
+    code, _, stderr = run_cli(["benchmark", DEMO_CASE, "--inits", "fbp", "--config", bad_config, "--out", out])
+    assert code == 2 and "must hold a JSON object" in stderr and not out.exists()
+    bad_config.write_text('{"iterations": 5, "learning_rate": 1}')
+    code, _, stderr = run_cli(["benchmark", DEMO_CASE, "--inits", "fbp", "--config", bad_config, "--out", out])
+    assert code == 2 and "learning_rate" in stderr and not out.exists()

@@ -5,8 +5,6 @@ Most tests use a stand-in prior with a known answer (one Gaussian per crop voxel
 the voxel's value) so that the stitched world field can be checked against a brute-force sum built
 from the voxel grid alone; the seam test uses the shipped prior on the shipped real CT.
 """
-import contextlib
-import io
 import math
 from pathlib import Path
 
@@ -14,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from ctrecon.cli import main
 from ctrecon.geometry import VolumeGeometry
 from ctrecon.gaussians import GaussianField, get_initializer
 from ctrecon.io import load_volume, save_volume
@@ -25,6 +22,8 @@ from priors.gaussian_space import quaternion_to_matrix
 from priors.model import CropGaussians, ModelConfig, build_model
 from priors.zero_shot import (SHIPPED_PRIORS, ZeroShotConfig, infer_field, load_zero_shot_prior,
                               register_prior_initializers, window_layout)
+
+from cli_helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample_abdomen_small.nii.gz"
@@ -286,17 +285,6 @@ def test_shipped_prior_stitches_real_ct_without_seams():
     assert count >= 20 and blended < 1.5, blended
     seamed, count = face_excess(0.0)
     assert count >= 6 and seamed > 2.0, seamed
-
-
-def run_cli(args):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_cli_infer_writes_gaussians_and_rendering(tmp_path):
