@@ -227,7 +227,8 @@ def test_levels_batching_and_the_registered_initialisers(tmp_path):
         fdk = unit.clone()
         field = get_initializer("medgmae-star")(fdk, grid, 10_000, None)
         inferred = field.metadata["windows"]["inferred"]
-        assert field.metadata["windows"]["stride"] == 4 and inferred > windows  # the default: overlap 0.75
+        assert field.metadata["windows"]["stride"] == 8 and inferred > windows  # INIT_OVERLAP 0.5 of 16
+        assert get_initializer("medgmae-star")(fdk, grid, 10_000, None, overlap=0.75).metadata["windows"]["stride"] == 4
         assert isinstance(field, GaussianField) and field.metadata["gaussians"]["produced"] == inferred * 48
         level0 = get_initializer("medgmae")(fdk, grid, 10_000, None)
         assert level0.metadata["gaussians"]["produced"] == inferred * 8
