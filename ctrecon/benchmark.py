@@ -71,15 +71,16 @@ def _checked(cases, views, inits) -> tuple:
 
 
 def run_benchmark(cases: Sequence, views: Sequence[int], inits: Sequence[str], config, out, *, device="cpu",
-                  seed: int = 0, shape=None, spacing=None, priors: Optional[dict] = None,
+                  seed: int = 0, crop=None, shape=None, spacing=None, priors: Optional[dict] = None,
                   events: Optional[Callable[[BenchmarkEvent], None]] = None,
                   write_run: Optional[Callable] = None) -> dict:
     """Run the benchmark (see the module docstring); returns the report's content (``build_report``)
     plus ``benchmark`` (what ``benchmark.json`` holds).
 
     cases: CT volume paths (HU; NIfTI, DICOM folder, .npy/.npz). config: a
-    :class:`ctrecon.reconstruct.ReconstructConfig` shared by every run. shape / spacing: resample each
-    case before simulating (as ``ctrecon simulate --shape/--spacing``). priors: init name → prior file
+    :class:`ctrecon.reconstruct.ReconstructConfig` shared by every run. crop: (Z, Y, X) voxels, the
+    centre of each case (cut first). shape / spacing: resample each case before simulating (as
+    ``ctrecon simulate --shape/--spacing``). priors: init name → prior file
     (recorded in each run's config.json). Every scan of a case uses the same ``seed``; a run that
     stops on a non-finite loss keeps its last good state and is listed under ``failures``.
     """
@@ -97,6 +98,8 @@ def run_benchmark(cases: Sequence, views: Sequence[int], inits: Sequence[str], c
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a folder")
     sources = [read_volume(c) for c in cases]  # bad input fails before any work
+    if crop is not None:
+        sources = [source.centre_crop(crop) for source in sources]
     notify = events or (lambda event: None)
     run_dirs, failures = [], []
     for path, name, source in zip(cases, names, sources):
@@ -130,7 +133,7 @@ def run_benchmark(cases: Sequence, views: Sequence[int], inits: Sequence[str], c
     notify(BenchmarkEvent("report", path=str(report_dir)))
     benchmark = {"cases": cases, "case_names": names, "views": list(views), "inits": list(inits),
                  "config": config.to_dict(), "device": str(device), "seed": seed,
-                 "shape": shape, "spacing": spacing,
+                 "crop": crop, "shape": shape, "spacing": spacing,
                  "priors": priors or {}, "runs": run_dirs, "failures": failures, "report": str(report_dir),
                  "table": summary["markdown_table"]}
     write_json(out / "benchmark.json", benchmark)

@@ -694,12 +694,13 @@ def _prior_files(inits, prior) -> dict:
               help="JSON file of ReconstructConfig settings (a run's config.json works); options above override.")
 @click.option("--prior", type=click.Path(dir_okay=False), default=None,
               help="Prior checkpoint for medgmae / medgmae-star [default: the shipped priors].")
+@click.option("--crop", default=None, metavar="Z,Y,X", help="Cut the centre Z,Y,X voxels of every case first.")
 @click.option("--shape", default=None, metavar="Z,Y,X", help="Resample every case to this many voxels.")
 @click.option("--spacing", default=None, metavar="MM", help="Resample every case to this voxel size: one number or DZ,DY,DX.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Benchmark folder to write.")
 @common_options
 def benchmark(cases, views, inits, iters, eval_every, views_per_iter, n_gaussians, stop_at_thresholds, config_path,
-              prior, shape, spacing, out, device, seed):
+              prior, crop, shape, spacing, out, device, seed):
     """The paper's Table 4: simulate each CASE at each view count, reconstruct with every initialisation.
 
     CASES are CT volumes in HU (NIfTI, DICOM folder, .npy/.npz). Writes OUT/scans/, OUT/runs/<case>_v<views>_<init>/
@@ -710,6 +711,7 @@ def benchmark(cases, views, inits, iters, eval_every, views_per_iter, n_gaussian
     Examples:
       ctrecon benchmark ct1.nii.gz ct2.nii.gz --views 80,120,160 --inits fbp,medgmae,medgmae-star --out bench/
       ctrecon benchmark ct.nii.gz --views 120 --iters 2000 --views-per-iter 10 --spacing 6 --device cpu --out b/
+      ctrecon benchmark ct.nii.gz --views 120 --crop 48,96,96 --config run_settings.json --out b/
     """
 
     from .benchmark import run_benchmark
@@ -717,6 +719,7 @@ def benchmark(cases, views, inits, iters, eval_every, views_per_iter, n_gaussian
 
     view_counts = _parse_numbers(views, "--views", count=len(views.split(",")), kind=int)
     init_names = tuple(name.strip() for name in inits.split(",") if name.strip())
+    crop = _parse_numbers(crop, "--crop", count=3, kind=int) if crop is not None else None
     shape = _parse_numbers(shape, "--shape", count=3, kind=int) if shape is not None else None
     spacing = _parse_numbers(spacing, "--spacing", count=3, kind=float, allow_single=True) if spacing else None
     if shape is not None and spacing is not None:
@@ -729,7 +732,7 @@ def benchmark(cases, views, inits, iters, eval_every, views_per_iter, n_gaussian
         settings["stop_at_thresholds"] = True
     config = ReconstructConfig.from_dict(settings)
     priors = _prior_files(init_names, prior)
-    result = run_benchmark(cases, view_counts, init_names, config, out, device=device, seed=seed, shape=shape,
+    result = run_benchmark(cases, view_counts, init_names, config, out, device=device, seed=seed, crop=crop, shape=shape,
                            spacing=spacing[0] if spacing and len(spacing) == 1 else spacing, priors=priors,
                            events=_benchmark_events(click.echo))
     click.echo(result["markdown_table"])

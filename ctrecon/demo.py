@@ -22,8 +22,6 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
-
 from .errors import InputError
 
 __all__ = ["DEMO_CASE", "DEMO_INITS", "DEMO_VIEWS", "CPU_ITERATIONS", "FULL_ITERATIONS", "demo_config", "run_demo"]
@@ -59,18 +57,13 @@ def _case_volume(profile: str, folder: Path, crop=CPU_CROP) -> Path:
     if not DEMO_CASE.is_file():
         raise InputError(f"the shipped demo case {DEMO_CASE} is missing (a broken checkout?)")
     source = read_volume(DEMO_CASE)
-    volume, origin = source.array, np.asarray(source.origin, dtype=np.float64)
     name = "sample_abdomen_small"
     if profile == "cpu":
-        if len(crop) != 3 or any(not 1 <= c <= n for c, n in zip(crop, volume.shape)):
-            raise InputError(f"the demo crop must be 3 sizes within the case's {volume.shape} voxels, got {crop}")
-        start = [(n - c) // 2 for n, c in zip(volume.shape, crop)]
-        volume = volume[tuple(slice(s, s + c) for s, c in zip(start, crop))]
-        origin = origin + np.array(start[::-1]) * np.array(source.spacing[::-1])  # (x, y, z) of the new voxel 0
+        source = source.centre_crop(crop)
         name = "sample_abdomen_centre"
     path = folder / f"{name}.nii.gz"
     folder.mkdir(parents=True, exist_ok=True)
-    save_volume(path, volume, source.spacing, tuple(origin))
+    save_volume(path, source.array, source.spacing, source.origin)
     return path
 
 

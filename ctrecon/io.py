@@ -116,6 +116,19 @@ class VolumeData:
     origin: tuple
     description: str
 
+    def centre_crop(self, size) -> "VolumeData":
+        """The central ``size`` (Z, Y, X) voxels (an odd margin leaves the extra voxel at the end), with
+        the origin of its own voxel ``[0, 0, 0]``. InputError unless 1 ≤ size ≤ shape on every axis."""
+        size = tuple(int(n) for n in size)
+        if len(size) != 3 or any(not 1 <= c <= n for c, n in zip(size, self.array.shape)):
+            raise InputError(f"a crop must be 3 sizes (Z, Y, X) within the volume's {self.array.shape} voxels, "
+                             f"got {tuple(size)}")
+        start = [(n - c) // 2 for n, c in zip(self.array.shape, size)]
+        array = self.array[tuple(slice(s, s + c) for s, c in zip(start, size))]
+        origin = np.asarray(self.origin, dtype=np.float64) + np.array(start[::-1]) * np.array(self.spacing[::-1])
+        return VolumeData(np.ascontiguousarray(array), self.spacing, tuple(float(o) for o in origin),
+                          f"{self.description}, centre crop {'x'.join(map(str, size))}")
+
 
 def load_volume(path, *, allow_resample: bool = False, spacing=None) -> tuple:
     """Load a CT volume: ``(float32 array [Z, Y, X] in HU, spacing (dz, dy, dx) mm)``, LPS-oriented.

@@ -68,3 +68,5 @@ def test_benchmark_rejects_bad_input_before_any_work(tmp_path):
     bad_config.write_text('{"iterations": 5, "learning_rate": 1}')
     code, _, stderr = run_cli(["benchmark", DEMO_CASE, "--inits", "fbp", "--config", bad_config, "--out", out])
     assert code == 2 and "learning_rate" in stderr and not out.exists()
+    code, _, stderr = run_cli(["benchmark", DEMO_CASE, "--inits", "fbp", "--crop", "31,8,8", "--out", out])
+    assert code == 2 and "crop must be 3 sizes" in stderr and not out.exists()

@@ -271,6 +271,26 @@ def test_nifti_any_storage_order_loads_to_the_same_lps_array(tmp_path, volume_lp
     assert loaded.origin == pytest.approx(origin)
 
 
+def test_centre_crop_keeps_every_voxel_at_its_world_position(tmp_path, volume_lps):
+    """The crop's voxels sit where they sat in the file: nibabel's affine of the saved crop maps its
+    voxel (i, j, k) to the same RAS point as the source affine maps the uncropped index."""
+    path = tmp_path / "v.nii.gz"
+    save_volume(path, volume_lps, (2.0, 0.5, 0.75), origin=(1.0, 2.0, 3.0))
+    source = read_volume(path)
+    size = (volume_lps.shape[0] - 1, volume_lps.shape[1] - 2, volume_lps.shape[2] - 3)
+    crop = source.centre_crop(size)
+    start = [(n - c) // 2 for n, c in zip(volume_lps.shape, size)]
+    np.testing.assert_array_equal(crop.array, volume_lps[start[0]:start[0] + size[0], start[1]:start[1] + size[1],
+                                                          start[2]:start[2] + size[2]])
+    save_volume(tmp_path / "crop.nii.gz", crop.array, crop.spacing, crop.origin)
+    cropped_affine, source_affine = nib.load(tmp_path / "crop.nii.gz").affine, nib.load(path).affine
+    assert cropped_affine @ [1, 2, 3, 1] == pytest.approx(source_affine @ [1 + start[2], 2 + start[1], 3 + start[0], 1])
+    assert source.centre_crop(volume_lps.shape).origin == pytest.approx(source.origin)
+    for bad in ((0, 1, 1), volume_lps.shape[:2] + (volume_lps.shape[2] + 1,), (2, 2)):
+        with pytest.raises(InputError, match="crop must be 3 sizes"):
+            source.centre_crop(bad)
+
+
 def test_save_volume_round_trip_and_viewer_orientation(tmp_path, volume_lps):
     path = tmp_path / "out.nii.gz"
     save_volume(path, volume_lps, (2.0, 0.5, 0.75), origin=(1.0, 2.0, 3.0))
