@@ -689,6 +689,7 @@ def _prior_files(inits, prior) -> dict:
               help="Random views per iteration (0: all) [default: 0].")
 @click.option("--n-gaussians", type=click.IntRange(min=1), default=None,
               help="Initial Gaussians (fbp/r2; a cap for the priors) [default: 50000].")
+@click.option("--no-densify", is_flag=True, help="Keep the Gaussian count fixed (no clone/split/prune).")
 @click.option("--stop-at-thresholds", is_flag=True, help="Stop each run once PSNR 35 dB and SSIM 0.90 are reached.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="JSON file of ReconstructConfig settings (a run's config.json works); options above override.")
@@ -699,8 +700,8 @@ def _prior_files(inits, prior) -> dict:
 @click.option("--spacing", default=None, metavar="MM", help="Resample every case to this voxel size: one number or DZ,DY,DX.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Benchmark folder to write.")
 @common_options
-def benchmark(cases, views, inits, iters, eval_every, views_per_iter, n_gaussians, stop_at_thresholds, config_path,
-              prior, crop, shape, spacing, out, device, seed):
+def benchmark(cases, views, inits, iters, eval_every, views_per_iter, n_gaussians, no_densify, stop_at_thresholds,
+              config_path, prior, crop, shape, spacing, out, device, seed):
     """The paper's Table 4: simulate each CASE at each view count, reconstruct with every initialisation.
 
     CASES are CT volumes in HU (NIfTI, DICOM folder, .npy/.npz). Writes OUT/scans/, OUT/runs/<case>_v<views>_<init>/
@@ -711,7 +712,7 @@ def benchmark(cases, views, inits, iters, eval_every, views_per_iter, n_gaussian
     Examples:
       ctrecon benchmark ct1.nii.gz ct2.nii.gz --views 80,120,160 --inits fbp,medgmae,medgmae-star --out bench/
       ctrecon benchmark ct.nii.gz --views 120 --iters 2000 --views-per-iter 10 --spacing 6 --device cpu --out b/
-      ctrecon benchmark ct.nii.gz --views 120 --crop 48,96,96 --config run_settings.json --out b/
+      ctrecon benchmark ct.nii.gz --views 120 --crop 48,96,96 --views-per-iter 10 --no-densify --out b/
     """
 
     from .benchmark import run_benchmark
@@ -728,6 +729,8 @@ def benchmark(cases, views, inits, iters, eval_every, views_per_iter, n_gaussian
     overrides = {"iterations": iters, "eval_every": eval_every, "views_per_iter": views_per_iter,
                  "n_gaussians": n_gaussians}
     settings.update({k: v for k, v in overrides.items() if v is not None})
+    if no_densify:
+        settings["densify"] = False
     if stop_at_thresholds:
         settings["stop_at_thresholds"] = True
     config = ReconstructConfig.from_dict(settings)

@@ -70,3 +70,18 @@ def test_benchmark_rejects_bad_input_before_any_work(tmp_path):
     assert code == 2 and "learning_rate" in stderr and not out.exists()
     code, _, stderr = run_cli(["benchmark", DEMO_CASE, "--inits", "fbp", "--crop", "31,8,8", "--out", out])
     assert code == 2 and "crop must be 3 sizes" in stderr and not out.exists()
+
+
+def test_benchmark_command_crops_and_passes_its_settings(tmp_path):
+    out = tmp_path / "bench"
+    code, stdout, stderr = run_cli(["benchmark", DEMO_CASE, "--views", "16,24", "--inits", "fbp", "--crop", "12,24,20",
+                                    "--iters", "2", "--views-per-iter", "4", "--n-gaussians", "300", "--no-densify",
+                                    "--device", "cpu", "--out", out])
+    assert code == 0, stderr
+    bench = json.loads((out / "benchmark.json").read_text())
+    assert bench["crop"] == [12, 24, 20] and bench["config"]["densify"] is False
+    assert bench["config"]["views_per_iter"] == 4 and bench["config"]["iterations"] == 2
+    for views in (16, 24):
+        run = json.loads((out / "runs" / f"sample_abdomen_small_v{views}_fbp" / "config.json").read_text())
+        assert run["geometry"]["nVoxel"] == [12, 24, 20] and run["views"] == views
+    assert (out / "report" / "report.md").is_file() and "| fbp | 16 |" in stdout
