@@ -76,11 +76,12 @@ SHIPPED_PRIORS = {"medgmae": "medgmae.pt", "medgmae-star": "medgmae-star.pt"}
 #: Window overlap of the 3DGR-CT initialisers (``infer_field`` defaults to ``ZeroShotConfig.overlap``).
 #: A cost/quality trade measured on the held-out abdomen (48×96×96 voxels, 120 views, 10 views per
 #: iteration, one thread): overlap 0.75 gives 47 000 (MedGMAE) / 163 000 (MedGMAE*) faint Gaussians,
-#: 134–203 M voxels of Gaussian boxes, and 3DGR-CT iterations 5–10× slower than fbp's; at 0.5 the
+#: 134–203 M voxels of Gaussian boxes, and 3DGR-CT iterations 5–7× slower than fbp's; at 0.5 the
 #: fields have 12 000 / 40 000 Gaussians (0.86 / 0.61 s per iteration against fbp's 0.49 s) and reach
-#: 32.1 / 33.0 dB in 300 iterations (non-overlapping: 31.7 / 32.1 dB); timings taken with another
+#: 32.1 / 33.0 dB in 300 iterations (MedGMAE* non-overlapping: 32.1 dB); timings taken with another
 #: run sharing the two cores. The price is the seams of the stitched field at 0.5 (plane errors up to
-#: 1.8× on window faces, step 3), which the optimisation then has to fit away.
+#: 1.8× on window faces, step 3), which the optimisation then has to fit away. Convergence to 35 dB
+#: from these fields: data/README.md.
 INIT_OVERLAP = 0.5
 _LEVELS_OF_INIT = {"medgmae": "first", "medgmae-star": "all"}
 _DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "priors"
