@@ -34,7 +34,9 @@ class LazyExtension:
 
     Nothing is compiled at import time. The build is cached in ``$TORCH_EXTENSIONS_DIR`` when set,
     else in ``~/.cache/ctrecon/extensions`` (``$XDG_CACHE_HOME`` honoured), under a name that hashes
-    the sources, flags and torch/python versions, so a later run loads it in well under a second.
+    the sources (their content and their paths: torch's build file names the source paths, so two
+    checkouts sharing one folder rebuilt it each time the other had used it last), the flags and the
+    torch/python versions, so a later run loads it in well under a second.
     ``CTRECON_FORCE_REFERENCE=1`` disables it. A failed build (no compiler, bad toolchain) warns once
     and :meth:`get` then returns None: callers fall back to the torch reference.
     """
@@ -69,15 +71,21 @@ class LazyExtension:
                                   "using the slower PyTorch reference", RuntimeWarning, stacklevel=3)
         return self._module
 
-    def _build(self):
-        from torch.utils import cpp_extension
-
+    @property
+    def module_name(self) -> str:
+        """``ctrecon_<name>_<hash>``: the build's cache key (see the class docstring)."""
         digest = hashlib.sha1()
         for path in self.sources:
+            digest.update(os.path.abspath(path).encode())
             with open(path, "rb") as handle:
                 digest.update(handle.read())
         digest.update(" ".join([*self.extra_cflags, *self.extra_ldflags, torch.__version__, sys.version]).encode())
-        module_name = f"ctrecon_{self.name}_{digest.hexdigest()[:12]}"
+        return f"ctrecon_{self.name}_{digest.hexdigest()[:12]}"
+
+    def _build(self):
+        from torch.utils import cpp_extension
+
+        module_name = self.module_name
         build_directory = None
         if not os.environ.get("TORCH_EXTENSIONS_DIR"):
             cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

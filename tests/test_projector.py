@@ -3,6 +3,7 @@ vs reference parity, view subsets, chunking, and the lazy loading of the compile
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -186,6 +187,19 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert lazy.get() is None
+
+
+def test_build_cache_key_follows_content_path_and_flags(tmp_path):
+    source = Path(_backend._CSRC) / "projector.cpp"
+    copy = tmp_path / "projector.cpp"
+    copy.write_bytes(source.read_bytes())
+    key = _backend.LazyExtension("cpu_projector", ["projector.cpp"]).module_name
+    assert key == _backend.LazyExtension("cpu_projector", [str(source)]).module_name
+    assert key != _backend.LazyExtension("cpu_projector", [str(copy)]).module_name  # another checkout
+    assert key != _backend.LazyExtension("cpu_projector", ["projector.cpp"], extra_cflags=("-O2",)).module_name
+    copied = _backend.LazyExtension("cpu_projector", [str(copy)]).module_name
+    copy.write_bytes(source.read_bytes() + b"\n// edited\n")
+    assert copied != _backend.LazyExtension("cpu_projector", [str(copy)]).module_name
 
 
 def test_importing_compiles_nothing():
