@@ -393,7 +393,8 @@ def _register_priors(prior, init: str):
               help="Prior checkpoint for --init medgmae / medgmae-star (a prior.pt of `ctrecon pretrain`) "
                    "[default: the shipped prior in data/priors/].")
 @click.option("--init-option", "init_options", multiple=True, metavar="KEY=VALUE",
-              help="Keyword option of the initialiser (JSON value), e.g. scale_factor=1.0; repeatable.")
+              help="Keyword option of the initialiser (JSON value), e.g. scale_factor=1.0 (fbp) or overlap=0.75 "
+                   "(medgmae*: window overlap, default 0.5); repeatable.")
 @click.option("--iters", type=int, default=None, help="Iterations [default: 15000].")
 @click.option("--views-per-iter", type=int, default=None, help="Random views per iteration (0: all) [default: 0].")
 @click.option("--eval-every", type=int, default=None, help="Evaluate every E iterations [default: 100].")
