@@ -6,12 +6,11 @@ from ctrecon.cli import main
 
 
 def run_cli(args):
-    """``ctrecon ARGS`` in-process: (exit code, stdout, stderr)."""
+    """``ctrecon ARGS`` in-process: (exit code, stdout, stderr). ``main`` always ends in SystemExit."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             main([str(a) for a in args])
-            code = 0
         except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
+            return exc.code, out.getvalue(), err.getvalue()
+    raise AssertionError(f"ctrecon {' '.join(map(str, args))} returned without exiting")

@@ -92,7 +92,7 @@ def test_console_bad_input_is_one_line_without_traceback(tmp_path):
 def test_simulate_with_noise_resampling_and_new_output_folder(phantom_hu, tmp_path):
     out = tmp_path / "new" / "deeper" / "scan.npz"  # missing folders are created
     code, stdout, _ = run_cli(["simulate", phantom_hu, "--views", 10, "--arc", 240, "--dose", 5e4, "--electronic-noise", 2,
-                           "--shape", "8,12,10", "--seed", 3, "--device", "cpu", "--out", out])
+                               "--shape", "8,12,10", "--seed", 3, "--device", "cpu", "--out", out])
     assert code == 0 and "Poisson I0=50000" in stdout and "resampled to 8x12x10" in stdout
     scan = load_scan(out)
     assert scan.projections.shape == (10, 8, 12) and scan.geometry.arc == pytest.approx(math.radians(240))
@@ -100,7 +100,7 @@ def test_simulate_with_noise_resampling_and_new_output_folder(phantom_hu, tmp_pa
     assert scan.geometry.dVoxel == pytest.approx((1.5, 2.0, 2.0))
     again = tmp_path / "again.npz"
     assert run_cli(["simulate", phantom_hu, "--views", 10, "--arc", 240, "--dose", 5e4, "--electronic-noise", 2,
-                "--spacing", "1.5,2,2", "--seed", 3, "--out", again])[0] == 0
+                    "--spacing", "1.5,2,2", "--seed", 3, "--out", again])[0] == 0
     np.testing.assert_array_equal(load_scan(again).projections, scan.projections)  # same seed, same scan
 
 

@@ -16,6 +16,8 @@ from ctrecon.projector import Projector
 from ctrecon.reconstruct import (NonFiniteLossError, ReconstructConfig, _ViewCycle, coarse_lattice, learning_rates,
                                  projection_ssim, reconstruct, total_variation)
 
+from cli_helpers import run_cli
+
 N_VOXELS = 16
 N_VIEWS = 30
 
@@ -181,14 +183,6 @@ def test_loss_terms_against_independent_formulas():
 REQUIRED_KEYS = {"init", "iterations", "wall_seconds", "eval_seconds", "n_gaussians", "final", "thresholds", "history"}
 
 
-def run_cli(*args):
-    from ctrecon.cli import main
-
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in args])
-    return info.value.code
-
-
 @pytest.fixture(scope="module")
 def scan_file(scan, tmp_path_factory):
     path = tmp_path_factory.mktemp("scan") / "phantom.npz"
@@ -198,8 +192,8 @@ def scan_file(scan, tmp_path_factory):
 
 def test_cli_writes_every_file_with_the_metrics_contract(scan_file, tmp_path):
     out = tmp_path / "run"
-    assert run_cli("reconstruct", scan_file, "--iters", 20, "--eval-every", 10, "--n-gaussians", 200,
-                   "--max-gaussians", 400, "--views-per-iter", 10, "--out", out) == 0
+    assert run_cli(["reconstruct", scan_file, "--iters", 20, "--eval-every", 10, "--n-gaussians", 200,
+                    "--max-gaussians", 400, "--views-per-iter", 10, "--out", out])[0] == 0
     assert sorted(os.listdir(out)) == ["config.json", "curves.png", "gaussians.npz", "metrics.json", "volume.nii.gz"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert REQUIRED_KEYS <= set(metrics)
@@ -223,11 +217,11 @@ def test_cli_writes_every_file_with_the_metrics_contract(scan_file, tmp_path):
     assert len(GaussianField.load(str(out / "gaussians.npz"))) == metrics["n_gaussians"]
     # the config.json of a run reproduces it
     again = tmp_path / "again"
-    assert run_cli("reconstruct", scan_file, "--config", out / "config.json", "--out", again) == 0
+    assert run_cli(["reconstruct", scan_file, "--config", out / "config.json", "--out", again])[0] == 0
     assert json.loads((again / "metrics.json").read_text())["history"][-1]["loss"] == metrics["history"][-1]["loss"]
 
 
-def test_cli_ctrl_c_writes_what_was_reached(scan_file, tmp_path, monkeypatch, capsys):
+def test_cli_ctrl_c_writes_what_was_reached(scan_file, tmp_path, monkeypatch):
     original = recon_module.reconstruct
 
     def interrupted_at_5(*args, callback=None, **kwargs):
@@ -240,13 +234,14 @@ def test_cli_ctrl_c_writes_what_was_reached(scan_file, tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(recon_module, "reconstruct", interrupted_at_5)
     out = tmp_path / "run"
-    assert run_cli("reconstruct", scan_file, "--iters", 50, "--eval-every", 20, "--n-gaussians", 200,
-                   "--out", out) == 130
+    code, _, err = run_cli(["reconstruct", scan_file, "--iters", 50, "--eval-every", 20, "--n-gaussians", 200,
+                            "--out", out])
+    assert code == 130
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["interrupted"] is True and metrics["iterations"] == 5
     assert [h["iteration"] for h in metrics["history"]] == [0, 5]
     assert (out / "volume.nii.gz").exists() and (out / "gaussians.npz").exists()
-    assert "interrupted after 5 iterations" in capsys.readouterr().err
+    assert "interrupted after 5 iterations" in err
 
 
 def test_case_names_come_from_the_scan_source(scan, tmp_path):
@@ -259,7 +254,7 @@ def test_case_names_come_from_the_scan_source(scan, tmp_path):
     assert _case_name(bare, "x/scan_v120.npz") == "scan_v120"
 
 
-def test_cli_bad_input_is_one_line_and_writes_nothing(scan_file, tmp_path, capsys):
+def test_cli_bad_input_is_one_line_and_writes_nothing(scan_file, tmp_path):
     corrupt = tmp_path / "corrupt.npz"
     corrupt.write_bytes(b"not a zip file")
     existing_file = tmp_path / "taken"
@@ -271,8 +266,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(scan_file, tmp_path, capsy
              (scan_file, ["--init-option", "bogus=1", "--out", tmp_path / "r5"]),
              (scan_file, ["--out", existing_file])]
     for scan_path, options in cases:
-        capsys.readouterr()
-        assert run_cli("reconstruct", scan_path, *options) == 2, options
-        err = capsys.readouterr().err
+        code, _, err = run_cli(["reconstruct", scan_path, *options])
+        assert code == 2, options
         assert err.startswith("ctrecon: error: ") and err.count("\n") == 1, err
     assert sorted(os.listdir(tmp_path)) == ["corrupt.npz", "taken"]
