@@ -429,7 +429,6 @@ def reconstruct(scan_path, init, init_gaussians, prior, init_options, iters, vie
       ctrecon reconstruct scan.npz --iters 3000 --views-per-iter 10 --stop-at-psnr 35 --out run_fast/
       ctrecon reconstruct scan.npz --init medgmae-star --prior ckpt/prior.pt --out run_prior/
     """
-
     from tqdm import tqdm
 
     from .gaussians import GaussianField, available_initializers, get_initializer
@@ -715,7 +714,6 @@ def benchmark(cases, views, inits, iters, eval_every, views_per_iter, n_gaussian
       ctrecon benchmark ct.nii.gz --views 120 --iters 2000 --views-per-iter 10 --spacing 6 --device cpu --out b/
       ctrecon benchmark ct.nii.gz --views 120 --crop 48,96,96 --views-per-iter 10 --no-densify --out b/
     """
-
     from .benchmark import run_benchmark
     from .reconstruct import ReconstructConfig
 

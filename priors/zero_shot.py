@@ -348,6 +348,7 @@ def prior_initializer(prior=None, levels: str = "all", *, name: str = "medgmae-s
     import inspect
 
     loaded = {}
+    defaults = {"overlap": INIT_OVERLAP}  # where the initialisers differ from ZeroShotConfig
 
     def initialise(fdk_volume, volume_geometry, n_gaussians=None, generator=None, **call_options):
         fdk = torch.as_tensor(fdk_volume)
@@ -358,13 +359,12 @@ def prior_initializer(prior=None, levels: str = "all", *, name: str = "medgmae-s
         if levels == "all" and metadata["architecture"] != "medgmae-star":
             raise InputError(f"the {name} initialisation needs a MedGMAE* prior; "
                              f"{prior} is a {metadata['architecture']} prior")
-        settings = {"levels": levels, "overlap": INIT_OVERLAP, **options, **call_options}
+        settings = {"levels": levels, **defaults, **options, **call_options}
         if n_gaussians is not None:
             settings["max_gaussians"] = int(n_gaussians)
         return infer_field(fdk, volume_geometry, model, metadata, ZeroShotConfig(**settings))
 
     keyword = inspect.Parameter.KEYWORD_ONLY
-    defaults = {"overlap": INIT_OVERLAP}
     tunable = [inspect.Parameter(f.name, keyword, default=defaults.get(f.name, f.default))
                for f in dataclasses.fields(ZeroShotConfig) if f.name not in ("levels", "max_gaussians")]
     head = list(inspect.signature(initialise).parameters.values())[:4]
