@@ -180,31 +180,30 @@ def bench_rtk(geometry, voxels, exact, ours, repeats, threads):
     if threads:
         itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(threads)
     image_type, volume, stack, empty_volume, rtk_geometry = rtk_images(geometry, voxels)
-    forward = rtk.JosephForwardProjectionImageFilter[image_type, image_type].New()
-    forward.SetInput(0, stack.GetOutput())
-    forward.SetInput(1, volume)
-    forward.SetGeometry(rtk_geometry)
 
-    def project():
-        forward.Modified()
-        forward.Update()
-        return itk.GetArrayFromImage(forward.GetOutput())
+    def time_joseph(kind, output_like, data, layout=lambda array: array):
+        """Median (wall s, CPU s, ``layout`` of the output array) of RTK's Joseph filter ``kind``, which
+        adds its projection of ``data`` to the image ``output_like``."""
+        joseph = kind[image_type, image_type].New()
+        joseph.SetInput(0, output_like)
+        joseph.SetInput(1, data)
+        joseph.SetGeometry(rtk_geometry)
 
-    forward_wall, forward_cpu, projections = median_time(project, repeats)
+        def run():
+            joseph.Modified()
+            joseph.Update()
+            return layout(itk.GetArrayFromImage(joseph.GetOutput()))
+
+        return median_time(run, repeats)
+
+    forward_wall, forward_cpu, projections = time_joseph(rtk.JosephForwardProjectionImageFilter, stack.GetOutput(),
+                                                         volume)
     measured = itk.GetImageFromArray(np.ascontiguousarray(exact, dtype=np.float32))
     stack.UpdateOutputInformation()
     measured.CopyInformation(stack.GetOutput())
-    back = rtk.JosephBackProjectionImageFilter[image_type, image_type].New()
-    back.SetInput(0, empty_volume.GetOutput())
-    back.SetInput(1, measured)
-    back.SetGeometry(rtk_geometry)
-
-    def backproject():
-        back.Modified()
-        back.Update()
-        return itk.GetArrayFromImage(back.GetOutput()).transpose(1, 2, 0)  # RTK [x][z][y] -> ours [z][y][x]
-
-    adjoint_wall, adjoint_cpu, backprojection = median_time(backproject, repeats)
+    adjoint_wall, adjoint_cpu, backprojection = time_joseph(
+        rtk.JosephBackProjectionImageFilter, empty_volume.GetOutput(), measured,
+        layout=lambda array: array.transpose(1, 2, 0))  # RTK [x][z][y] -> ours [z][y][x]
     support = voxels.numpy() != 0
     return {"backend": "itk-rtk", "forward_s": forward_wall, "forward_cpu_s": forward_cpu, "adjoint_s": adjoint_wall,
             "adjoint_cpu_s": adjoint_cpu,
