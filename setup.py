@@ -16,7 +16,7 @@ setup(
     # ctrecon/_cuda.py finds them to build the extension on first use.
     packages=find_packages(include=["ctrecon", "ctrecon.*", "priors", "priors.*"]) + ["ctrecon._cuda_src"],
     package_dir={"ctrecon._cuda_src": "cuda"},
-    package_data={"ctrecon": ["csrc/*.cpp", "csrc/*.h"], "ctrecon._cuda_src": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
+    package_data={"ctrecon.operators": ["csrc/*.cpp", "csrc/*.h"], "ctrecon._cuda_src": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
     # torch is required but deliberately unpinned above 2.1: scripts/install.sh installs the CPU build
     # on machines without CUDA before this package, so pip never pulls the multi-GB CUDA wheels there.
     install_requires=[

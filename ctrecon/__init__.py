@@ -12,19 +12,19 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "VolumeGeometry": "geometry",
-    "ConeBeamGeometry": "geometry",
-    "InputError": "errors",
-    "Projector": "projector",
-    "load_scan": "io",
-    "save_scan": "io",
-    "load_volume": "io",
-    "save_volume": "io",
-    "Scan": "io",
-    "simulate_scan": "simulate",
-    "psnr": "metrics",
-    "ssim3d": "metrics",
-    "ssim_slice": "metrics",
+    "VolumeGeometry": "core.geometry",
+    "ConeBeamGeometry": "core.geometry",
+    "InputError": "core.errors",
+    "Projector": "operators.projector",
+    "load_scan": "core.io",
+    "save_scan": "core.io",
+    "load_volume": "core.io",
+    "save_volume": "core.io",
+    "Scan": "core.io",
+    "simulate_scan": "pipeline.simulate",
+    "psnr": "pipeline.metrics",
+    "ssim3d": "pipeline.metrics",
+    "ssim_slice": "pipeline.metrics",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

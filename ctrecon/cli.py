@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from .errors import InputError
+from ctrecon.core.errors import InputError
 
 EXIT_BAD_INPUT = 2
 
@@ -33,7 +33,7 @@ def common_options(func):
     def wrapper(*args, device, seed, **kwargs):
         import torch
 
-        from ._backend import resolve_device
+        from ctrecon.operators._backend import resolve_device
 
         torch.manual_seed(seed)
         return func(*args, device=resolve_device(device), seed=seed, **kwargs)
@@ -121,8 +121,8 @@ def simulate(volume, views, arc, dose, electronic_sigma, mu_water, shape, spacin
     import math
     import time
 
-    from .io import read_volume, save_scan
-    from .simulate import simulate_scan
+    from ctrecon.core.io import read_volume, save_scan
+    from ctrecon.pipeline.simulate import simulate_scan
 
     if shape is not None and spacing is not None:
         raise InputError("--shape and --spacing are mutually exclusive: give one")
@@ -183,10 +183,10 @@ def fdk(scan, filter_name, out, device, seed):
     import torch
     from tqdm import tqdm
 
-    from . import __version__
-    from .fdk import fdk as reconstruct_fdk
-    from .io import load_scan, save_volume, write_json
-    from .metrics import psnr, ssim3d, ssim_slice
+    from ctrecon import __version__
+    from ctrecon.operators.fdk import fdk as reconstruct_fdk
+    from ctrecon.core.io import load_scan, save_volume, write_json
+    from ctrecon.pipeline.metrics import psnr, ssim3d, ssim_slice
 
     out = _checked_output(out, (".nii.gz", ".nii"), "NIfTI")
     suffix = ".nii.gz" if out.name.lower().endswith(".nii.gz") else ".nii"
@@ -354,8 +354,8 @@ def _case_name(scan, scan_path: str) -> str:
 def _write_run(out: str, result, scan, extra: dict) -> None:
     """RUN/volume.nii.gz (unit attenuation, like `ctrecon fdk`), gaussians.npz, config.json, curves.png,
     then metrics.json (each atomic)."""
-    from .io import save_volume, write_json
-    from .report import plot_run_curves
+    from ctrecon.core.io import save_volume, write_json
+    from ctrecon.pipeline.report import plot_run_curves
 
     os.makedirs(out, exist_ok=True)
     grid = scan.geometry.volume
@@ -431,10 +431,10 @@ def reconstruct(scan_path, init, init_gaussians, prior, init_options, iters, vie
     """
     from tqdm import tqdm
 
-    from .gaussians import GaussianField, available_initializers, get_initializer
-    from .io import load_scan
-    from .reconstruct import NonFiniteLossError, ReconstructConfig
-    from .reconstruct import reconstruct as run_reconstruct
+    from ctrecon.methods.gaussians import GaussianField, available_initializers, get_initializer
+    from ctrecon.core.io import load_scan
+    from ctrecon.pipeline.reconstruct import NonFiniteLossError, ReconstructConfig
+    from ctrecon.pipeline.reconstruct import reconstruct as run_reconstruct
 
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--out {out} exists and is not a folder")
@@ -537,7 +537,7 @@ def report(runs, out, device, seed):
     Example:
       ctrecon report runs/fbp_* runs/medgmae_* --out report/
     """
-    from .report import build_report
+    from ctrecon.pipeline.report import build_report
 
     result = build_report(runs, out)
     click.echo(result["markdown_table"])
@@ -584,10 +584,10 @@ def infer(volume, prior, out, render, levels, overlap, no_resample, input_units,
 
     from priors.zero_shot import (ZeroShotConfig, infer_field, load_zero_shot_prior, shipped_prior_path,
                                   to_prior_window)
-    from .geometry import VolumeGeometry
-    from .io import read_volume, save_volume
-    from .metrics import psnr
-    from .simulate import hu_to_unit, unit_to_hu
+    from ctrecon.core.geometry import VolumeGeometry
+    from ctrecon.core.io import read_volume, save_volume
+    from ctrecon.pipeline.metrics import psnr
+    from ctrecon.core.units import hu_to_unit, unit_to_hu
 
     out = _checked_output(out, (".npz",), "Gaussian")
     if render is not None:
@@ -714,8 +714,8 @@ def benchmark(cases, views, inits, iters, eval_every, views_per_iter, n_gaussian
       ctrecon benchmark ct.nii.gz --views 120 --iters 2000 --views-per-iter 10 --spacing 6 --device cpu --out b/
       ctrecon benchmark ct.nii.gz --views 120 --crop 48,96,96 --views-per-iter 10 --no-densify --out b/
     """
-    from .benchmark import run_benchmark
-    from .reconstruct import ReconstructConfig
+    from ctrecon.pipeline.benchmark import run_benchmark
+    from ctrecon.pipeline.reconstruct import ReconstructConfig
 
     view_counts = _parse_numbers(views, "--views", count=len(views.split(",")), kind=int)
     init_names = tuple(name.strip() for name in inits.split(",") if name.strip())
@@ -769,7 +769,7 @@ def demo(out, profile, iters, crop, device, seed):
     """
     import time
 
-    from .demo import CPU_CROP, DEMO_INITS, run_demo
+    from ctrecon.pipeline.demo import CPU_CROP, DEMO_INITS, run_demo
 
     start = time.perf_counter()
     crop = _parse_numbers(crop, "--crop", count=3, kind=int) if crop is not None else CPU_CROP

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ctrecon.errors import InputError
+from ctrecon.core.errors import InputError
 
-from .model import ModelConfig, build_model
+from priors.model import ModelConfig, build_model
 
 __all__ = ["PRIOR_FORMAT", "STATE_FORMAT", "MONAI_FORMAT", "prior_metadata", "save_prior", "load_prior",
            "read_metadata", "save_state", "load_state", "monai_vit_state_dict", "export_encoder",
@@ -73,7 +73,7 @@ def prior_metadata(model_cfg: ModelConfig, data_cfg, training_data: dict, step: 
 
 
 def _write(path, payload: dict):
-    from ctrecon.io import atomic_output
+    from ctrecon.core.io import atomic_output
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

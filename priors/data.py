@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ctrecon.errors import InputError
+from ctrecon.core.errors import InputError
 
 __all__ = ["DataConfig", "find_volumes", "describe_volumes", "preprocess", "resample_isotropic",
            "VolumeStore", "sample_crop", "augment", "CropDataset", "StepBatches", "window_to_unit"]
@@ -172,7 +172,7 @@ class VolumeStore:
         cache = None if self.cache_dir is None else self._cache_path(index)
         if cache is not None and cache.exists():
             return np.load(cache).astype(np.float32) / 65535.0
-        from ctrecon.io import atomic_output, load_volume
+        from ctrecon.core.io import atomic_output, load_volume
 
         volume, spacing = load_volume(self.files[index])
         unit = preprocess(volume, spacing, self.config)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ctrecon.geometry import VolumeGeometry
+from ctrecon.core.geometry import VolumeGeometry
 
 __all__ = ["block_to_world", "world_to_block", "quaternion_to_matrix", "matrix_to_quaternion"]
 

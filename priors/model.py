@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctrecon.errors import InputError
-from ctrecon.geometry import VolumeGeometry
+from ctrecon.core.errors import InputError
+from ctrecon.core.geometry import VolumeGeometry
 
 __all__ = ["ModelConfig", "CONFIGS", "ARCHITECTURES", "model_config", "build_model", "count_parameters",
            "CropGaussians", "MedGMAE", "VoxelMAE", "ViTEncoder", "crop_geometry", "random_patch_mask",
@@ -368,7 +368,7 @@ def crop_geometry(crop_size: int) -> VolumeGeometry:
 
 def render_crop(gaussians: CropGaussians, crop_size: int, k_sigma: float = 3.0) -> torch.Tensor:
     """Dense rendering ``[B, 1, D, D, D]`` (float32) of crop-unit Gaussians."""
-    from ctrecon.gaussians.render import voxelize
+    from ctrecon.operators.voxelize import voxelize
 
     g = gaussians.float()
     return voxelize(g.means, g.scales, g.quats, g.intensities, crop_geometry(crop_size), k_sigma).unsqueeze(1)
@@ -376,7 +376,7 @@ def render_crop(gaussians: CropGaussians, crop_size: int, k_sigma: float = 3.0) 
 
 def render_crop_points(gaussians: CropGaussians, points: torch.Tensor, k_sigma: float = 3.0) -> torch.Tensor:
     """Field values ``[B, M]`` at crop-unit points ``[B, M, 3]`` (x, y, z)."""
-    from ctrecon.gaussians.render import render_points
+    from ctrecon.operators.voxelize import render_points
 
     g = gaussians.float()
     return render_points(g.means, g.scales, g.quats, g.intensities, points.float(), k_sigma)

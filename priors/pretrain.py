@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ctrecon.errors import InputError
+from ctrecon.core.errors import InputError
 
-from .checkpoints import export_encoder, load_state, prior_metadata, save_prior, save_state
-from .data import CropDataset, DataConfig, StepBatches, describe_volumes, find_volumes
-from .model import ModelConfig, build_model, random_patch_mask
+from priors.checkpoints import export_encoder, load_state, prior_metadata, save_prior, save_state
+from priors.data import CropDataset, DataConfig, StepBatches, describe_volumes, find_volumes
+from priors.model import ModelConfig, build_model, random_patch_mask
 
 __all__ = ["TrainConfig", "pretrain", "parameter_groups", "lr_factor"]
 
@@ -180,7 +180,7 @@ def _read_log(path: Path, up_to_step: int) -> list:
 
 
 def _write_log(path: Path, rows: list):
-    from ctrecon.io import atomic_output
+    from ctrecon.core.io import atomic_output
 
     with atomic_output(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
@@ -195,9 +195,9 @@ def _save_preview(path: Path, model: nn.Module, crop: torch.Tensor, mask: torch.
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ctrecon.io import atomic_output
+    from ctrecon.core.io import atomic_output
 
-    from .model import patch_mask_to_voxels
+    from priors.model import patch_mask_to_voxels
 
     cfg = model.cfg
     was_training = model.training

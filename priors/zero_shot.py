@@ -59,13 +59,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ctrecon.errors import InputError
-from ctrecon.geometry import VolumeGeometry
-from ctrecon.simulate import HU_MAX, HU_MIN, hu_to_unit, unit_to_hu
+from ctrecon.core.errors import InputError
+from ctrecon.core.geometry import VolumeGeometry
+from ctrecon.core.units import HU_MAX, HU_MIN, hu_to_unit, unit_to_hu
 
-from .checkpoints import load_prior
-from .gaussian_space import block_to_world
-from .model import CropGaussians
+from priors.checkpoints import load_prior
+from priors.gaussian_space import block_to_world
+from priors.model import CropGaussians
 
 __all__ = ["ZeroShotConfig", "WindowLayout", "SHIPPED_PRIORS", "shipped_prior_path", "load_zero_shot_prior",
            "INIT_OVERLAP", "window_layout", "to_prior_window", "resample_to_grid", "infer_field", "prior_initializer",
@@ -250,7 +250,7 @@ def infer_field(volume, volume_geometry: VolumeGeometry, model: torch.nn.Module,
     the volume's). ``model``/``metadata`` come from :func:`load_zero_shot_prior`.
     ``progress(windows_done, windows_total)`` is called after each batch.
     """
-    from ctrecon.gaussians import GaussianField, bounding_half_widths
+    from ctrecon.methods.gaussians import GaussianField, bounding_half_widths
 
     if not isinstance(volume_geometry, VolumeGeometry):
         raise InputError(f"volume_geometry must be a VolumeGeometry, got {type(volume_geometry).__name__}")
@@ -378,7 +378,7 @@ def register_prior_initializers(prior=None) -> None:
     ``prior``: a prior file used by both; default: each name's shipped prior in data/priors/.
     Re-registering replaces the previous ones (so ``--prior`` takes effect).
     """
-    from ctrecon.gaussians import register_initializer
+    from ctrecon.methods.gaussians import register_initializer
 
     if prior is not None and not Path(prior).is_file():
         raise InputError(f"prior not found: {prior}")

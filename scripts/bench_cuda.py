@@ -93,8 +93,8 @@ def forward_backward(torch, voxelize, params, volume):
 
 
 def bench_projector(torch, args):
-    from ctrecon.geometry import ConeBeamGeometry, VolumeGeometry
-    from ctrecon.projector import Projector
+    from ctrecon.core.geometry import ConeBeamGeometry, VolumeGeometry
+    from ctrecon.operators.projector import Projector
 
     geometry = ConeBeamGeometry.covering(VolumeGeometry((256, 256, 256), (1.0, 1.0, 1.0)), n_views=120,
                                          nDetector=(512, 512))
@@ -108,8 +108,8 @@ def bench_projector(torch, args):
 
 
 def bench_voxelizer(torch, args):
-    from ctrecon.gaussians.render import voxelize
-    from ctrecon.geometry import VolumeGeometry
+    from ctrecon.operators.voxelize import voxelize
+    from ctrecon.core.geometry import VolumeGeometry
 
     volume = VolumeGeometry((256, 256, 256), (1.0, 1.0, 1.0))
     sigma = (1.0, 3.0)  # voxels; ~ the spacing of 100k Gaussians in 256³ (5.5 voxels) × 3DGR-CT's factor
@@ -121,8 +121,8 @@ def bench_voxelizer(torch, args):
 
 
 def bench_pretrain(torch, args):
-    from ctrecon.gaussians.render import voxelize
-    from ctrecon.geometry import VolumeGeometry
+    from ctrecon.operators.voxelize import voxelize
+    from ctrecon.core.geometry import VolumeGeometry
 
     crop = VolumeGeometry((96, 96, 96), (1.0 / 96,) * 3, (0.5, 0.5, 0.5))  # priors.model.crop_geometry(96)
     sigma = (2.0, 8.0)  # voxels; 512 Gaussians per 96³ crop are ~12 voxels apart
@@ -134,9 +134,9 @@ def bench_pretrain(torch, args):
 
 
 def bench_reconstruct(torch, args):
-    from ctrecon.io import load_volume
-    from ctrecon.reconstruct import ReconstructConfig, reconstruct
-    from ctrecon.simulate import simulate_scan
+    from ctrecon.core.io import load_volume
+    from ctrecon.pipeline.reconstruct import ReconstructConfig, reconstruct
+    from ctrecon.pipeline.simulate import simulate_scan
 
     if not Path(args.volume).exists():
         return {"skipped": f"real CT not found: {args.volume}"}
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_cuda: no CUDA device on this machine; nothing to benchmark (the kernels run only on a GPU).")
         return 0
-    from ctrecon import _cuda
+    from ctrecon.operators import _cuda
 
     if _cuda.kernels_for("cuda") is None:
         print("bench_cuda: the CUDA extension is unavailable (see the warning above, or CTRECON_FORCE_REFERENCE); "

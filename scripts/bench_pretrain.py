@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ctrecon._backend import resolve_device
+from ctrecon.operators._backend import resolve_device
 from priors.model import CropGaussians, build_model, count_parameters, model_config, random_patch_mask
 from priors.pretrain import _autocast, parameter_groups
 

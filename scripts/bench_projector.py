@@ -44,9 +44,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ctrecon import phantoms  # noqa: E402
-from ctrecon.geometry import ConeBeamGeometry, VolumeGeometry  # noqa: E402
-from ctrecon.projector import Projector  # noqa: E402
+from ctrecon.core import phantoms  # noqa: E402
+from ctrecon.core.geometry import ConeBeamGeometry, VolumeGeometry  # noqa: E402
+from ctrecon.operators.projector import Projector  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -129,7 +129,7 @@ def bench_projector(geometry, voxels, exact, name, device, backend, repeats):
 
 def bench_fdk(geometry, projections, device, repeats):
     try:
-        from ctrecon.fdk import fdk
+        from ctrecon.operators.fdk import fdk
     except ImportError as err:
         return {"skipped": f"ctrecon.fdk not importable ({err})"}
     data = torch.from_numpy(projections).to(device)
@@ -279,7 +279,7 @@ def main(argv=None):
     if use_rtk:
         print("itk-rtk rows: 'error' is the relative difference of RTK's forward projection to ours")
     if args.out is not None:
-        from ctrecon.io import write_json
+        from ctrecon.core.io import write_json
 
         write_json(args.out, report)
         print(f"wrote {args.out}")

@@ -78,12 +78,12 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    from ctrecon.fdk import fdk
-    from ctrecon.io import load_volume, save_volume, write_json
-    from ctrecon.metrics import evaluate
-    from ctrecon.reconstruct import ReconstructConfig, reconstruct
-    from ctrecon.report import plot_run_curves
-    from ctrecon.simulate import simulate_scan
+    from ctrecon.operators.fdk import fdk
+    from ctrecon.core.io import load_volume, save_volume, write_json
+    from ctrecon.pipeline.metrics import evaluate
+    from ctrecon.pipeline.reconstruct import ReconstructConfig, reconstruct
+    from ctrecon.pipeline.report import plot_run_curves
+    from ctrecon.pipeline.simulate import simulate_scan
 
     if args.threads:
         torch.set_num_threads(args.threads)

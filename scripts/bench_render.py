@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from ctrecon.gaussians import _cpu
-from ctrecon.gaussians.render import voxelize
-from ctrecon.geometry import VolumeGeometry
+from ctrecon.operators import _voxelize_cpu as _cpu
+from ctrecon.operators.voxelize import voxelize
+from ctrecon.core.geometry import VolumeGeometry
 
 # (name, batch, Gaussians per item, grid, σ range in voxels or None for the command-line range)
 CASES = [

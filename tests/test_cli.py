@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctrecon.geometry import ConeBeamGeometry, VolumeGeometry
-from ctrecon.io import Scan, load_scan, load_volume, save_scan
-from ctrecon.metrics import psnr, ssim3d, ssim_slice
-from ctrecon.phantoms import ellipsoid_volume, shepp_logan_3d
-from ctrecon.simulate import unit_to_hu
+from ctrecon.core.geometry import ConeBeamGeometry, VolumeGeometry
+from ctrecon.core.io import Scan, load_scan, load_volume, save_scan
+from ctrecon.pipeline.metrics import psnr, ssim3d, ssim_slice
+from ctrecon.core.phantoms import ellipsoid_volume, shepp_logan_3d
+from ctrecon.core.units import unit_to_hu
 
 from cli_helpers import run_cli
 
@@ -78,7 +78,7 @@ def test_readme_commands_on_the_sample_ct(tmp_path):
     assert report["metrics"]["ssim3d"] > 0.85 and report["filter"] == "ram-lak" and report["seconds"] > 0
     assert report["geometry"]["n_views"] == 120 and report["geometry"]["nVoxel"] == [30, 101, 122]
     # Written in the source's patient frame: the same voxel grid as the input CT.
-    from ctrecon.io import read_volume
+    from ctrecon.core.io import read_volume
     assert read_volume(tmp_path / "out" / "fdk.nii.gz").origin == pytest.approx(read_volume(SAMPLE).origin, abs=1e-4)
 
 

@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 import torch
 
-from ctrecon import _cuda
-from ctrecon.fdk import angular_weights, backproject, fdk
-from ctrecon.gaussians.render import render_points, voxelize
-from ctrecon.geometry import ConeBeamGeometry, VolumeGeometry
-from ctrecon.projector import Projector
+from ctrecon.operators import _cuda
+from ctrecon.operators.fdk import angular_weights, backproject, fdk
+from ctrecon.operators.voxelize import render_points, voxelize
+from ctrecon.core.geometry import ConeBeamGeometry, VolumeGeometry
+from ctrecon.operators.projector import Projector
 
 TESTS = Path(__file__).resolve().parent
 CT_VOLUME = TESTS.parents[1] / "shared" / "data" / "ct" / "abdomen_ts_example_small.nii.gz"
@@ -47,8 +47,9 @@ def real_ct(shape) -> np.ndarray:
     """The shared abdomen CT resampled to ``shape``, unit attenuation (skips when the data is absent)."""
     if not CT_VOLUME.exists():
         pytest.skip(f"real CT not available ({CT_VOLUME})")
-    from ctrecon.io import load_volume
-    from ctrecon.simulate import hu_to_unit, resample_volume
+    from ctrecon.core.io import load_volume
+    from ctrecon.core.units import hu_to_unit
+    from ctrecon.pipeline.simulate import resample_volume
 
     hu, spacing = load_volume(CT_VOLUME)
     return resample_volume(hu_to_unit(hu), spacing, shape=shape)[0]
@@ -86,7 +87,7 @@ def random_gaussians(n, volume, batch=None, seed=0, device="cpu"):
 def ct_field(shape, volume, n_gaussians, device="cpu"):
     """FBP-initialised Gaussians of the real CT, made anisotropic and rotated so that every parameter has a
     gradient (the initialiser's are isotropic)."""
-    from ctrecon.gaussians import get_initializer
+    from ctrecon.methods.gaussians import get_initializer
 
     field = get_initializer("fbp")(volume_data("ct", shape, device), volume, n_gaussians,
                                    torch.Generator().manual_seed(0))

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctrecon.demo import CPU_CROP, DEMO_CASE, DEMO_INITS, demo_config
-from ctrecon.gaussians import GaussianField
+from ctrecon.pipeline.demo import CPU_CROP, DEMO_CASE, DEMO_INITS, demo_config
+from ctrecon.methods.gaussians import GaussianField
 
 from cli_helpers import run_cli
 

@@ -5,12 +5,12 @@ import pytest
 import torch
 from scipy import ndimage
 
-from ctrecon.errors import InputError
-from ctrecon.fdk import (FILTERS, angular_weights, backproject, fdk, filter_projections, filter_response,
-                         parker_weights, ramp_kernel, redundancy_weights)
-from ctrecon.geometry import ConeBeamGeometry, VolumeGeometry, short_scan_arc
-from ctrecon.phantoms import (Ellipsoid, ellipsoid_projections, ellipsoid_volume, gaussian_projections,
-                              gaussian_volume, random_gaussian_blobs, shepp_logan_3d)
+from ctrecon.core.errors import InputError
+from ctrecon.operators.fdk import (FILTERS, angular_weights, backproject, fdk, filter_projections, filter_response,
+                                   parker_weights, ramp_kernel, redundancy_weights)
+from ctrecon.core.geometry import ConeBeamGeometry, VolumeGeometry, short_scan_arc
+from ctrecon.core.phantoms import (Ellipsoid, ellipsoid_projections, ellipsoid_volume, gaussian_projections,
+                                   gaussian_volume, random_gaussian_blobs, shepp_logan_3d)
 
 
 def relative_error(x, ref, region=slice(None)):

@@ -6,9 +6,9 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from ctrecon.errors import InputError
-from ctrecon.gaussians import GROUP_NAMES, GaussianField, voxelize
-from ctrecon.geometry import VolumeGeometry
+from ctrecon.core.errors import InputError
+from ctrecon.methods.gaussians import GROUP_NAMES, GaussianField, voxelize
+from ctrecon.core.geometry import VolumeGeometry
 
 
 def make_field(n=6, activation="softplus", seed=0):

@@ -5,7 +5,7 @@ import types
 import numpy as np
 import pytest
 
-from ctrecon.geometry import ConeBeamGeometry, VolumeGeometry, full_scan_angles, short_scan_arc
+from ctrecon.core.geometry import ConeBeamGeometry, VolumeGeometry, full_scan_angles, short_scan_arc
 
 
 def make_geometry(**changes):

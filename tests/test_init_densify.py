@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from ctrecon.errors import InputError
-from ctrecon.gaussians import (DensityController, GaussianField, available_initializers, get_initializer,
-                               register_initializer)
-from ctrecon.gaussians.init import fbp_initializer, r2_initializer
-from ctrecon.geometry import VolumeGeometry
-from ctrecon.phantoms import Ellipsoid, ellipsoid_volume, rotation_z
+from ctrecon.core.errors import InputError
+from ctrecon.methods.gaussians import (DensityController, GaussianField, available_initializers, get_initializer,
+                                       register_initializer)
+from ctrecon.methods.gaussians.init import fbp_initializer, r2_initializer
+from ctrecon.core.geometry import VolumeGeometry
+from ctrecon.core.phantoms import Ellipsoid, ellipsoid_volume, rotation_z
 
 VOLUME = VolumeGeometry((24, 36, 40), (1.5, 1.0, 1.0), (2.0, -1.0, 0.5))
 

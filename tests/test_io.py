@@ -13,10 +13,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
-from ctrecon.errors import InputError
-from ctrecon.geometry import ConeBeamGeometry, VolumeGeometry
-from ctrecon.io import (Scan, atomic_output, load_scan, load_volume, read_volume, save_scan, save_volume,
-                        write_json)
+from ctrecon.core.errors import InputError
+from ctrecon.core.geometry import ConeBeamGeometry, VolumeGeometry
+from ctrecon.core.units import hu_to_unit
+from ctrecon.core.io import (Scan, atomic_output, load_scan, load_volume, read_volume, save_scan, save_volume,
+                             write_json)
 
 CT_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct"
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -376,12 +377,11 @@ def test_npy_and_npz_volumes(tmp_path, volume_lps):
 
 
 def test_scan_ground_truth_loads_as_hu(tmp_path):
-    simulate = pytest.importorskip("ctrecon.simulate", reason="ctrecon.simulate (unit_to_hu) not present yet")
     scan = make_scan()
     save_scan(tmp_path / "scan.npz", scan)
     volume = read_volume(tmp_path / "scan.npz")
     np.testing.assert_allclose(volume.array, scan.ground_truth * 4095.0 - 1024.0, rtol=1e-6, atol=1e-3)
-    np.testing.assert_allclose(simulate.hu_to_unit(volume.array), scan.ground_truth, atol=1e-6)
+    np.testing.assert_allclose(hu_to_unit(volume.array), scan.ground_truth, atol=1e-6)
     assert volume.spacing == scan.geometry.dVoxel
     assert volume.origin == pytest.approx((-2.0 - 2.5 * 1.5, -2.0, 1.0 - 1.5 * 2.0))  # centred on offOrigin
     scan.meta["origin"] = [10.0, 20.0, 30.0]  # the source volume's patient frame, as simulate_scan records it

@@ -7,11 +7,11 @@ import torch
 from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-import ctrecon.metrics as metrics
-from ctrecon.errors import InputError
-from ctrecon.geometry import VolumeGeometry
-from ctrecon.metrics import ConvergenceTracker, evaluate, psnr, ssim3d, ssim_slice
-from ctrecon.phantoms import ellipsoid_volume, shepp_logan_3d
+import ctrecon.pipeline.metrics as metrics
+from ctrecon.core.errors import InputError
+from ctrecon.core.geometry import VolumeGeometry
+from ctrecon.pipeline.metrics import ConvergenceTracker, evaluate, psnr, ssim3d, ssim_slice
+from ctrecon.core.phantoms import ellipsoid_volume, shepp_logan_3d
 
 CT_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct" / "abdomen_ts_example_small.nii.gz"
 
@@ -38,7 +38,7 @@ def phantom(shape=(24, 40, 36)):
 def real_ct_unit():
     if not CT_FILE.is_file():
         pytest.skip(f"real CT volume {CT_FILE} is absent")
-    from ctrecon.io import load_volume
+    from ctrecon.core.io import load_volume
 
     hu, _ = load_volume(CT_FILE)
     return (np.clip(hu[:, 10:90, 10:110].astype(np.float64), -1024, 3071) + 1024) / 4095

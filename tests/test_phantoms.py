@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from scipy import integrate
 
-from ctrecon.geometry import ConeBeamGeometry, VolumeGeometry
-from ctrecon.phantoms import (Ellipsoid, GaussianBlob, ellipsoid_projections, ellipsoid_volume, gaussian_projections,
-                              rotation_z, shepp_logan_3d)
+from ctrecon.core.geometry import ConeBeamGeometry, VolumeGeometry
+from ctrecon.core.phantoms import (Ellipsoid, GaussianBlob, ellipsoid_projections, ellipsoid_volume, gaussian_projections,
+                                   rotation_z, shepp_logan_3d)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ctrecon.errors import InputError
+from ctrecon.core.errors import InputError
 from priors.checkpoints import load_prior, load_state, read_metadata
 from priors.data import DataConfig
 from priors.model import build_model, model_config
@@ -22,7 +22,7 @@ DATA = DataConfig(crops_per_volume=2)
 @pytest.fixture(scope="module")
 def volume_folder(tmp_path_factory):
     """One synthetic CT-like NIfTI (HU): air, a body ellipsoid, a bone rod, 1.5 mm voxels."""
-    from ctrecon.io import save_volume
+    from ctrecon.core.io import save_volume
 
     folder = tmp_path_factory.mktemp("volumes")
     z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in (40, 48, 48)], indexing="ij")

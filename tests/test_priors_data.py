@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from ctrecon.errors import InputError
+from ctrecon.core.errors import InputError
 from priors.data import (CropDataset, DataConfig, StepBatches, VolumeStore, augment, find_volumes, preprocess,
                          resample_isotropic, sample_crop)
 
@@ -106,7 +106,7 @@ def test_augmentations():
 
 @needs_ct
 def test_real_ct_preprocessing_and_cache(ct_folder, tmp_path):
-    from ctrecon.io import load_volume
+    from ctrecon.core.io import load_volume
 
     volume, spacing = load_volume(ct_folder / "case.nii.gz")
     cfg = DataConfig()

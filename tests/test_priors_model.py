@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from ctrecon.errors import InputError
-from ctrecon.geometry import VolumeGeometry
+from ctrecon.core.errors import InputError
+from ctrecon.core.geometry import VolumeGeometry
 from priors import checkpoints
 from priors.gaussian_space import block_to_world, matrix_to_quaternion, quaternion_to_matrix, world_to_block
 from priors.model import (ARCHITECTURES, CONFIGS, CropGaussians, ModelConfig, build_model, count_parameters,

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from ctrecon import _backend, phantoms
-from ctrecon.errors import InputError
-from ctrecon.geometry import ConeBeamGeometry, VolumeGeometry, full_scan_angles
-from ctrecon.projector import Projector
+from ctrecon.operators import _backend
+from ctrecon.core import phantoms
+from ctrecon.core.errors import InputError
+from ctrecon.core.geometry import ConeBeamGeometry, VolumeGeometry, full_scan_angles
+from ctrecon.operators.projector import Projector
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from ctrecon import reconstruct as recon_module
-from ctrecon.errors import InputError
-from ctrecon.geometry import ConeBeamGeometry, VolumeGeometry
-from ctrecon.io import Scan, save_scan
-from ctrecon.phantoms import Ellipsoid, ellipsoid_volume
-from ctrecon.projector import Projector
-from ctrecon.reconstruct import (NonFiniteLossError, ReconstructConfig, _ViewCycle, coarse_lattice, learning_rates,
-                                 projection_ssim, reconstruct, total_variation)
+from ctrecon.pipeline import reconstruct as recon_module
+from ctrecon.core.errors import InputError
+from ctrecon.core.geometry import ConeBeamGeometry, VolumeGeometry
+from ctrecon.core.io import Scan, save_scan
+from ctrecon.core.phantoms import Ellipsoid, ellipsoid_volume
+from ctrecon.operators.projector import Projector
+from ctrecon.pipeline.reconstruct import (NonFiniteLossError, ReconstructConfig, _ViewCycle, coarse_lattice, learning_rates,
+                                          projection_ssim, reconstruct, total_variation)
 
 from cli_helpers import run_cli
 
@@ -209,8 +209,8 @@ def test_cli_writes_every_file_with_the_metrics_contract(scan_file, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["views_per_iter"] == 10 and config["config"]["iterations"] == 20
 
-    from ctrecon.gaussians import GaussianField
-    from ctrecon.io import load_volume
+    from ctrecon.methods.gaussians import GaussianField
+    from ctrecon.core.io import load_volume
 
     volume_hu, spacing = load_volume(out / "volume.nii.gz")
     assert volume_hu.shape == (N_VOXELS,) * 3 and spacing == pytest.approx((2.0, 2.0, 2.0))

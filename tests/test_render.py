@@ -6,11 +6,11 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from ctrecon import _backend
-from ctrecon.errors import InputError
-from ctrecon.gaussians import _cpu
-from ctrecon.gaussians.render import bounding_half_widths, render_points, voxelize, voxelize_batch
-from ctrecon.geometry import VolumeGeometry
+from ctrecon.operators import _backend
+from ctrecon.core.errors import InputError
+from ctrecon.operators import _voxelize_cpu as _cpu
+from ctrecon.operators.voxelize import bounding_half_widths, render_points, voxelize, voxelize_batch
+from ctrecon.core.geometry import VolumeGeometry
 
 BACKENDS = ["reference", "cpu"]
 VOLUME = VolumeGeometry((6, 7, 8), (1.0, 1.2, 0.9), (0.5, -0.3, 0.2))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ctrecon.errors import InputError
-from ctrecon.report import build_report, load_run
+from ctrecon.core.errors import InputError
+from ctrecon.pipeline.report import build_report, load_run
 
 CASES = ("case_a", "case_b", "case_c")
 

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 import ctrecon
-from ctrecon.errors import InputError
-from ctrecon.geometry import VolumeGeometry
-from ctrecon.io import Scan
-from ctrecon.phantoms import GaussianBlob, gaussian_projections, gaussian_volume
-from ctrecon.simulate import add_noise, hu_to_unit, resample_volume, simulate_scan, unit_to_hu
+from ctrecon.core.errors import InputError
+from ctrecon.core.geometry import VolumeGeometry
+from ctrecon.core.io import Scan
+from ctrecon.core.phantoms import GaussianBlob, gaussian_projections, gaussian_volume
+from ctrecon.core.units import hu_to_unit, unit_to_hu
+from ctrecon.pipeline.simulate import add_noise, resample_volume, simulate_scan
 
 
 def test_hu_unit_round_trip_and_clipping():

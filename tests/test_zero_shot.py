@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from ctrecon.geometry import VolumeGeometry
-from ctrecon.gaussians import GaussianField, get_initializer
-from ctrecon.io import load_volume, save_volume
-from ctrecon.simulate import hu_to_unit
+from ctrecon.core.geometry import VolumeGeometry
+from ctrecon.methods.gaussians import GaussianField, get_initializer
+from ctrecon.core.io import load_volume, save_volume
+from ctrecon.core.units import hu_to_unit
 from priors.checkpoints import prior_metadata, save_prior
 from priors.data import DataConfig
 from priors.gaussian_space import quaternion_to_matrix

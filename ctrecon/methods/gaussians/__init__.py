@@ -7,11 +7,11 @@
     controller = DensityController(scene_extent=max(volume_geometry.sVoxel))
     ... loss.backward(); controller.accumulate(field); optimizer.step(); controller.step(field, optimizer, it)
 """
-from .densify import DensityController
-from .field import GROUP_NAMES, INTENSITY_ACTIVATIONS, GaussianField
-from .init import available_initializers, get_initializer, register_initializer
-from .render import (DEFAULT_K_SIGMA, bounding_half_widths, covariance_matrices, precision_entries,
-                     quaternion_to_rotation, render_points, voxelize, voxelize_batch)
+from ctrecon.methods.gaussians.densify import DensityController
+from ctrecon.methods.gaussians.field import GROUP_NAMES, INTENSITY_ACTIVATIONS, GaussianField
+from ctrecon.methods.gaussians.init import available_initializers, get_initializer, register_initializer
+from ctrecon.operators.voxelize import (DEFAULT_K_SIGMA, bounding_half_widths, covariance_matrices, precision_entries,
+                                        quaternion_to_rotation, render_points, voxelize, voxelize_batch)
 
 __all__ = ["GaussianField", "GROUP_NAMES", "INTENSITY_ACTIVATIONS", "DensityController", "voxelize",
            "voxelize_batch", "render_points", "quaternion_to_rotation", "covariance_matrices", "precision_entries",

@@ -29,7 +29,7 @@ import os
 
 import torch
 
-from . import _backend
+from ctrecon.operators import _backend
 
 __all__ = ["kernels_for", "projector_kernels", "fdk_backproject", "voxelize", "render_points",
            "gradients_from_moments", "source_dir", "SOURCES", "HEADERS", "DENSE_TILE", "POINT_TILE"]
@@ -46,7 +46,7 @@ _MAX_KEYS = 2 ** 31 - 1  # tile keys are int32
 
 def source_dir() -> str:
     """The kernel sources: ``ctrecon/_cuda_src`` in an installed package, the top-level ``cuda/`` in a checkout."""
-    package = os.path.dirname(os.path.abspath(__file__))
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # ctrecon/
     installed = os.path.join(package, "_cuda_src")
     checkout = os.path.join(os.path.dirname(package), "cuda")
     return installed if os.path.isfile(os.path.join(installed, SOURCES[0])) else checkout
@@ -162,7 +162,7 @@ class _DensePlan:
     """Tile lists and voxel tables of one dense render: Gaussians ``[B·N]`` into ``[B, Z, Y, X]``."""
 
     def __init__(self, kernels, lo, hi, volume, batch: int, n_per_item: int, device):
-        from .gaussians.render import _axis_tables
+        from ctrecon.operators.voxelize import _axis_tables
 
         Z, Y, X = volume.nVoxel
         self.kernels = kernels
@@ -197,7 +197,7 @@ class _PointPlan:
     """
 
     def __init__(self, kernels, means, half_widths, points, n_per_item: int):
-        from .gaussians.render import CHUNK_SIZE, _PointPairs
+        from ctrecon.operators.voxelize import CHUNK_SIZE, _PointPairs
 
         cells = _PointPairs(means, half_widths, points, max(n_per_item, 1), CHUNK_SIZE)
         batch, n_points = points.shape[:2]

@@ -26,7 +26,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from ctrecon.core.errors import InputError
 
 __all__ = ["RunRecord", "load_run", "build_report", "plot_run_curves", "paired_tests", "group_rows"]
 
@@ -235,7 +235,7 @@ def _tests_markdown(tests: Sequence[dict]) -> str:
 
 # ----------------------------------------------------------------------------- plots
 def _save_figure(fig, path: str) -> None:
-    from .io import atomic_output
+    from ctrecon.core.io import atomic_output
 
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -339,7 +339,7 @@ def build_report(run_dirs: Iterable[str], out_dir: str) -> dict:
 
     Returns the content of ``stats.json`` (undefined statistics as None) plus ``markdown_table``.
     """
-    from .io import atomic_output, write_json
+    from ctrecon.core.io import atomic_output, write_json
 
     run_dirs = list(run_dirs)
     if not run_dirs:

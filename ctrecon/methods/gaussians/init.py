@@ -36,10 +36,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..errors import InputError
-from ..geometry import VolumeGeometry
-from .field import GaussianField
-from .render import DEFAULT_K_SIGMA, voxelize
+from ctrecon.core.errors import InputError
+from ctrecon.core.geometry import VolumeGeometry
+from ctrecon.methods.gaussians.field import GaussianField
+from ctrecon.operators.voxelize import DEFAULT_K_SIGMA, voxelize
 
 __all__ = ["get_initializer", "register_initializer", "available_initializers", "fbp_initializer",
            "r2_initializer"]

@@ -26,10 +26,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from . import _cuda
-from ._backend import resolve_device
-from .errors import InputError
-from .geometry import TWO_PI, ConeBeamGeometry
+from ctrecon.operators import _cuda
+from ctrecon.operators._backend import resolve_device
+from ctrecon.core.errors import InputError
+from ctrecon.core.geometry import TWO_PI, ConeBeamGeometry
 
 __all__ = ["FILTERS", "fdk", "filter_projections", "filter_response", "ramp_kernel", "cosine_weights",
            "parker_weights", "redundancy_weights", "angular_weights", "backproject"]

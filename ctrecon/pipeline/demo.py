@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
-from .errors import InputError
+from ctrecon.core.errors import InputError
 
 __all__ = ["DEMO_CASE", "DEMO_INITS", "DEMO_VIEWS", "CPU_ITERATIONS", "FULL_ITERATIONS", "demo_config", "run_demo"]
 
@@ -36,7 +36,7 @@ CPU_CROP = (24, 64, 64)  # Z, Y, X voxels around the centre of the case
 
 def demo_config(profile: str, iterations: Optional[int] = None):
     """The :class:`ctrecon.reconstruct.ReconstructConfig` of a profile ("cpu" or "full")."""
-    from .reconstruct import ReconstructConfig
+    from ctrecon.pipeline.reconstruct import ReconstructConfig
 
     if profile == "cpu":
         n = iterations or CPU_ITERATIONS
@@ -52,7 +52,7 @@ def demo_config(profile: str, iterations: Optional[int] = None):
 def _case_volume(profile: str, folder: Path, crop=CPU_CROP) -> Path:
     """Write the demo volume of ``profile`` (HU NIfTI; the "cpu" one cropped to ``crop`` (Z, Y, X) voxels
     around the centre) into ``folder``; returns its path."""
-    from .io import read_volume, save_volume
+    from ctrecon.core.io import read_volume, save_volume
 
     if not DEMO_CASE.is_file():
         raise InputError(f"the shipped demo case {DEMO_CASE} is missing (a broken checkout?)")
@@ -74,7 +74,7 @@ def _slices_figure(path: Path, panels: list) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_output
+    from ctrecon.core.io import atomic_output
 
     fig, axes = plt.subplots(2, len(panels), figsize=(2.6 * len(panels), 5.2), squeeze=False)
     for col, (title, volume) in enumerate(panels):
@@ -105,10 +105,10 @@ def run_demo(out, *, device="cpu", profile: Optional[str] = None, iterations: Op
     """
     import torch
 
-    from .benchmark import run_benchmark
-    from .fdk import fdk
-    from .io import atomic_output, load_scan, read_volume, write_json
-    from .metrics import evaluate
+    from ctrecon.pipeline.benchmark import run_benchmark
+    from ctrecon.operators.fdk import fdk
+    from ctrecon.core.io import atomic_output, load_scan, read_volume, write_json
+    from ctrecon.pipeline.metrics import evaluate
 
     device = torch.device(device)
     profile = profile or ("full" if device.type == "cuda" else "cpu")

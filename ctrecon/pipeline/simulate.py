@@ -19,28 +19,12 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ._backend import resolve_device
-from .errors import InputError
-from .geometry import TWO_PI, ConeBeamGeometry, VolumeGeometry
+from ctrecon.operators._backend import resolve_device
+from ctrecon.core.errors import InputError
+from ctrecon.core.units import HU_SPAN, HU_MIN, MU_WATER, hu_to_unit
+from ctrecon.core.geometry import TWO_PI, ConeBeamGeometry, VolumeGeometry
 
-__all__ = ["HU_MIN", "HU_MAX", "MU_WATER", "hu_to_unit", "unit_to_hu", "resample_volume", "add_noise", "simulate_scan"]
-
-HU_MIN, HU_MAX = -1024.0, 3071.0
-_HU_SPAN = HU_MAX - HU_MIN
-MU_WATER = 0.0192  # mm⁻¹, water at an effective energy near 70 keV
-
-
-def hu_to_unit(hu):
-    """Hounsfield units → unit attenuation ``(clip(HU, -1024, 3071) + 1024) / 4095`` (numpy or torch)."""
-    if torch.is_tensor(hu):
-        return (hu.clamp(HU_MIN, HU_MAX) - HU_MIN) / _HU_SPAN
-    return (np.clip(hu, HU_MIN, HU_MAX) - HU_MIN) / _HU_SPAN
-
-
-def unit_to_hu(unit):
-    """Unit attenuation → Hounsfield units ``u·4095 - 1024`` (the inverse of :func:`hu_to_unit` on its range)."""
-    return unit * _HU_SPAN + HU_MIN
-
+__all__ = ["resample_volume", "add_noise", "simulate_scan"]
 
 def resample_volume(volume, spacing, *, shape=None, spacing_out=None) -> tuple:
     """Trilinear resampling of ``volume`` ``[Z, Y, X]`` to ``shape`` (Z, Y, X) or to ``spacing_out`` mm.
@@ -78,7 +62,7 @@ def add_noise(projections, dose_i0: float, electronic_sigma: float = 0.0, seed: 
     ``κ = mu_water·4095/1024`` (mm⁻¹ per unit attenuation).
     """
     i0 = _positive_number(dose_i0, "dose (incident photons per pixel)")
-    kappa = _positive_number(mu_water, "mu_water (mm^-1)") * _HU_SPAN / -HU_MIN
+    kappa = _positive_number(mu_water, "mu_water (mm^-1)") * HU_SPAN / -HU_MIN
     sigma = float(electronic_sigma)
     if not math.isfinite(sigma) or sigma < 0:
         raise InputError(f"electronic noise sigma must be >= 0 counts, got {electronic_sigma}")
@@ -107,8 +91,8 @@ def simulate_scan(volume, spacing, n_views: int, *, arc: float = TWO_PI, dose_i0
     description) and ``origin`` ((x, y, z) LPS mm of voxel [0, 0, 0] of the input) go into ``meta``
     so that reconstructions can be written in the source's patient frame.
     """
-    from . import __version__
-    from .io import Scan
+    from ctrecon import __version__
+    from ctrecon.core.io import Scan
 
     data = _volume_array(volume)
     spacing = _positive_triple(spacing, "spacing")
@@ -127,7 +111,7 @@ def simulate_scan(volume, spacing, n_views: int, *, arc: float = TWO_PI, dose_i0
         raise InputError(f"cannot build the scan geometry: {err}") from None
     device = resolve_device(device)
     if projector is None:
-        from .projector import Projector as projector
+        from ctrecon.operators.projector import Projector as projector
     with torch.no_grad():
         volume_tensor = torch.from_numpy(np.ascontiguousarray(ground_truth)).to(device)
         projections = projector(geometry)(volume_tensor).detach().cpu().numpy().astype(np.float32)

@@ -60,8 +60,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
-from .geometry import VolumeGeometry
+from ctrecon.core.errors import InputError
+from ctrecon.core.geometry import VolumeGeometry
 
 __all__ = ["ReconstructConfig", "ReconstructResult", "Progress", "NonFiniteLossError", "reconstruct",
            "learning_rates", "coarse_lattice", "LOSSES", "TIMING_PHASES"]
@@ -347,7 +347,7 @@ class _Clock:
 
 
 def _quality(volume: torch.Tensor, truth: Optional[torch.Tensor]) -> dict:
-    from .metrics import evaluate
+    from ctrecon.pipeline.metrics import evaluate
 
     if truth is None:
         return {"psnr": None, "ssim3d": None, "ssim_slice": None}
@@ -359,7 +359,7 @@ def _snapshot(field) -> dict:
 
 
 def _field_from(field, raw: dict):
-    from .gaussians import GaussianField
+    from ctrecon.methods.gaussians import GaussianField
 
     return GaussianField(raw["means"], raw["log_scales"], raw["quats"], raw["intensities"],
                          intensity_activation=field.intensity_activation, metadata=field.metadata)
@@ -371,8 +371,8 @@ def _consistent(field) -> bool:
 
 
 def _initial_field(scan, init: str, config: ReconstructConfig, device, generator, init_field):
-    from .fdk import fdk
-    from .gaussians import GaussianField, get_initializer
+    from ctrecon.operators.fdk import fdk
+    from ctrecon.methods.gaussians import GaussianField, get_initializer
 
     if init_field is not None:
         if not isinstance(init_field, GaussianField):
@@ -400,9 +400,9 @@ def reconstruct(scan, *, init: str = "fbp", config: ReconstructConfig | None = N
     scalar tensor added to the loss (on the rendered grid, coarse or full).
     Raises InputError on bad input and NonFiniteLossError (with the last good state) on NaN/Inf.
     """
-    from .gaussians import DensityController
-    from .metrics import ConvergenceTracker
-    from .projector import Projector
+    from ctrecon.methods.gaussians import DensityController
+    from ctrecon.pipeline.metrics import ConvergenceTracker
+    from ctrecon.operators.projector import Projector
 
     config = (config or ReconstructConfig()).validate()
     device = torch.device(device)

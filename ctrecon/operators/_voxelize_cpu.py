@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
-from ..errors import InputError
-from ..geometry import VolumeGeometry
+from ctrecon.operators import _backend
+from ctrecon.core.errors import InputError
+from ctrecon.core.geometry import VolumeGeometry
 
 
 def _load():
@@ -45,7 +45,7 @@ def use_compiled(backend: str, like: torch.Tensor) -> bool:
 
 
 def _grid_args(volume: VolumeGeometry, dtype):
-    from .render import _axis_tables
+    from ctrecon.operators.voxelize import _axis_tables
 
     xs, ys, zs = (t.contiguous() for t in _axis_tables(volume, dtype, torch.device("cpu")))
     return xs, ys, zs, float(volume.axis_centres(2)[0]), float(volume.dVoxel[2])

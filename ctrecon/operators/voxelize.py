@@ -36,10 +36,10 @@ import math
 
 import torch
 
-from .. import _cuda
-from ..errors import InputError
-from ..geometry import VolumeGeometry
-from . import _cpu
+from ctrecon.operators import _cuda
+from ctrecon.core.errors import InputError
+from ctrecon.core.geometry import VolumeGeometry
+from ctrecon.operators import _voxelize_cpu as _cpu
 
 __all__ = ["voxelize", "voxelize_batch", "render_points", "quaternion_to_rotation", "covariance_matrices",
            "precision_entries", "bounding_half_widths", "DEFAULT_K_SIGMA"]

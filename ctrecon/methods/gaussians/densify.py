@@ -28,10 +28,10 @@ import math
 
 import torch
 
-from ..errors import InputError
-from ..geometry import VolumeGeometry
-from .field import GROUP_NAMES, GaussianField
-from .render import quaternion_to_rotation
+from ctrecon.core.errors import InputError
+from ctrecon.core.geometry import VolumeGeometry
+from ctrecon.methods.gaussians.field import GROUP_NAMES, GaussianField
+from ctrecon.operators.voxelize import quaternion_to_rotation
 
 __all__ = ["DensityController"]
 

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .geometry import ConeBeamGeometry, VolumeGeometry
+from ctrecon.core.geometry import ConeBeamGeometry, VolumeGeometry
 
 __all__ = ["Ellipsoid", "GaussianBlob", "shepp_logan_3d", "ellipsoid_volume", "ellipsoid_projections",
            "random_gaussian_blobs", "gaussian_volume", "gaussian_projections", "rotation_z"]

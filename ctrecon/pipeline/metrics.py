@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import InputError
+from ctrecon.core.errors import InputError
 
 __all__ = ["psnr", "ssim3d", "ssim_slice", "evaluate", "ConvergenceTracker", "DEFAULT_THRESHOLDS"]
 

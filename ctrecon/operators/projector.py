@@ -43,9 +43,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from . import _backend, _cuda
-from .errors import InputError
-from .geometry import ConeBeamGeometry
+from ctrecon.operators import _backend
+from ctrecon.operators import _cuda
+from ctrecon.core.errors import InputError
+from ctrecon.core.geometry import ConeBeamGeometry
 
 __all__ = ["Projector", "view_table"]
 

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from .errors import InputError
+from ctrecon.core.errors import InputError
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .errors import InputError
+from ctrecon.core.errors import InputError
 
 __all__ = ["BenchmarkEvent", "case_name", "run_benchmark"]
 
@@ -51,7 +51,7 @@ def case_name(path) -> str:
 
 
 def _checked(cases, views, inits) -> tuple:
-    from .gaussians import get_initializer
+    from ctrecon.methods.gaussians import get_initializer
 
     cases = [str(c) for c in cases]
     if not cases:
@@ -84,14 +84,14 @@ def run_benchmark(cases: Sequence, views: Sequence[int], inits: Sequence[str], c
     (recorded in each run's config.json). Every scan of a case uses the same ``seed``; a run that
     stops on a non-finite loss keeps its last good state and is listed under ``failures``.
     """
-    from .io import read_volume, save_scan, write_json
-    from .reconstruct import NonFiniteLossError
-    from .reconstruct import reconstruct as run_reconstruct
-    from .report import build_report
-    from .simulate import simulate_scan
+    from ctrecon.core.io import read_volume, save_scan, write_json
+    from ctrecon.pipeline.reconstruct import NonFiniteLossError
+    from ctrecon.pipeline.reconstruct import reconstruct as run_reconstruct
+    from ctrecon.pipeline.report import build_report
+    from ctrecon.pipeline.simulate import simulate_scan
 
     if write_run is None:
-        from .cli import _write_run as write_run
+        from ctrecon.cli import _write_run as write_run
     cases, names, views, inits = _checked(cases, views, inits)
     config = config.validate()
     out = Path(out)

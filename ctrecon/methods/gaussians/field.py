@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InputError
-from ..geometry import VolumeGeometry
-from .render import DEFAULT_K_SIGMA, covariance_matrices, quaternion_to_rotation, render_points, voxelize
+from ctrecon.core.errors import InputError
+from ctrecon.core.geometry import VolumeGeometry
+from ctrecon.operators.voxelize import DEFAULT_K_SIGMA, covariance_matrices, quaternion_to_rotation, render_points, voxelize
 
 __all__ = ["GaussianField", "GROUP_NAMES", "INTENSITY_ACTIVATIONS"]
 
@@ -186,7 +186,7 @@ class GaussianField(nn.Module):
     # ----------------------------------------------------------------- files
     def save(self, path) -> None:
         """Write an ``.npz`` (float32 raw parameters + a JSON ``metadata`` string; no pickles), atomically."""
-        from ..io import atomic_output
+        from ctrecon.core.io import atomic_output
 
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "intensity_activation": self.intensity_activation,
                 "num_gaussians": len(self), "metadata": self.metadata}
@@ -221,7 +221,7 @@ class GaussianField(nn.Module):
         degree-0 spherical harmonic), opacity (logit of intensity / max intensity), scale_0..2
         (log σ, as 3DGS stores them), rot_0..3 (unit quaternion w, x, y, z), intensity (activated).
         """
-        from ..io import atomic_output
+        from ctrecon.core.io import atomic_output
 
         with torch.no_grad():
             intensity = self.intensities.detach().cpu().double().numpy()

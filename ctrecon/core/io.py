@@ -30,8 +30,8 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from .errors import InputError
-from .geometry import ConeBeamGeometry
+from ctrecon.core.errors import InputError
+from ctrecon.core.geometry import ConeBeamGeometry
 
 __all__ = ["VolumeData", "read_volume", "load_volume", "save_volume", "Scan", "load_scan", "save_scan",
            "atomic_output", "write_json"]
@@ -333,7 +333,7 @@ def _read_npz_volume(source: Path, spacing) -> VolumeData:
             raise InputError(f"{source} holds no 'volume' or 'ground_truth' array (found: {', '.join(sorted(keys))})")
         array = _as_volume_array(_npz_member(archive, key, source), f"'{key}' in {source}")
         if key == "ground_truth" and "geometry" in keys:  # a scan file: unit attenuation, grid from geometry
-            from .simulate import unit_to_hu
+            from ctrecon.core.units import unit_to_hu
 
             _refuse_spacing(spacing, source)
             geometry = _geometry_from_json(_npz_text(archive, "geometry", source), None, source)
