@@ -26,7 +26,7 @@ from ctrecon.core.errors import InputError
 
 __all__ = ["DEMO_CASE", "DEMO_INITS", "DEMO_VIEWS", "CPU_ITERATIONS", "FULL_ITERATIONS", "demo_config", "run_demo"]
 
-DEMO_CASE = Path(__file__).resolve().parents[1] / "data" / "sample_abdomen_small.nii.gz"
+DEMO_CASE = Path(__file__).resolve().parents[2] / "data" / "sample_abdomen_small.nii.gz"
 DEMO_INITS = ("fbp", "medgmae", "medgmae-star")
 DEMO_VIEWS = 120
 CPU_ITERATIONS = 150
