@@ -1,7 +1,8 @@
 // Helpers shared by the ctrecon CUDA kernels. Torch-free, and valid plain C++ when not compiled by nvcc:
-// every per-thread function of the kernels is CTRECON_HD, so the same code runs in the kernels and in
-// the serial CPU emulation of tests/test_cuda.py (tests/cuda_emulation.cpp), which checks the index
-// arithmetic against the torch references on machines without a GPU.
+// every per-thread function of the kernels is CTRECON_HD, so the same code runs in the kernels, in the
+// compiled CPU kernels that include these headers (ctrecon/operators/csrc: the projector's ray set-up,
+// the voxelizer's q) and in the serial CPU emulation of tests/test_cuda.py (tests/cuda_emulation.cpp),
+// which checks the index arithmetic against the torch references on machines without a GPU.
 #pragma once
 
 #include <cmath>

@@ -1,5 +1,5 @@
 // Torch binding of the ctrecon CUDA kernels: checks the tensors, takes their device pointers and calls the
-// torch-free launchers of cuda/kernels.h. Host C++ only (no CUDA headers): the caller (ctrecon/_cuda.py)
+// torch-free launchers of cuda/kernels.h. Host C++ only (no CUDA headers): the caller (ctrecon/operators/)
 // selects the tensors' device and passes the current CUDA stream as an integer. Outputs are
 // preallocated by the caller. Built on first use by torch.utils.cpp_extension together with cuda/*.cu.
 #include <torch/extension.h>
@@ -274,7 +274,7 @@ void points_backward(const Tensor& means, const Tensor& prec, const Tensor& inte
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "ctrecon CUDA kernels (projector, FDK backprojection, Gaussian voxelizer); see ctrecon/_cuda.py";
+  m.doc() = "ctrecon CUDA kernels (projector, FDK backprojection, Gaussian voxelizer); see ctrecon/operators/";
   m.def("project_forward", &project_forward, "Joseph projection volume [Z,Y,X] -> out [A,V,U]");
   m.def("project_adjoint", &project_adjoint, "exact adjoint projections [A,V,U] -> out [Z,Y,X]");
   m.def("fdk_backproject", &fdk_backproject, "FDK voxel-driven backprojection -> out [Z,Y,X]");

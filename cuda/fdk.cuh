@@ -1,5 +1,5 @@
 // FDK voxel-driven backprojection: per-voxel arithmetic shared by the kernel and the CPU emulation. It
-// reproduces ctrecon.fdk.backproject (whose docstring is the contract), all in float32: for voxel centre
+// reproduces ctrecon.operators.fdk.backproject (whose docstring is the contract), all in float32: for voxel centre
 // (x, y, z) and view a (cos θ, sin θ rounded to float32)
 //     L = DSO - (x·cos θ + y·sin θ)      t = -x·sin θ + y·cos θ      m = DSD / L
 //     c = clamp((m·t - ou)/du + (U-1)/2, -1, U)     r = clamp((m·z - ov)/dv + (V-1)/2, -1, V)

@@ -14,7 +14,7 @@ namespace cuda {
 const char* error_string(int code);
 
 // ---- projector (cuda/projector.cu): float32 volumes [Z, Y, X], projections [A, V, U], views [A, 12]
-// float64 as in ctrecon.projector.view_table, spacing (dx, dy, dz) mm.
+// float64 as in ctrecon.operators.projector.view_table, spacing (dx, dy, dz) mm.
 int project_forward(const float* volume, int64_t nz, int64_t ny, int64_t nx, const double* views, int64_t n_views,
                     int64_t n_rows, int64_t n_cols, const double* spacing_xyz, float* out, void* stream);
 // `out` [Z, Y, X] is overwritten (zeroed, then accumulated with atomics).

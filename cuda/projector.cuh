@@ -1,6 +1,5 @@
-// Joseph cone-beam projector: per-ray arithmetic shared by the forward kernel, the adjoint kernel and the
-// CPU emulation. The discrete operator is the one documented in ctrecon/projector.py (its module
-// docstring is the contract):
+// Joseph cone-beam projector: the per-ray code of the operator documented in ctrecon/operators/projector.py
+// (its module docstring is the contract; its torch reference is the oracle):
 //   * coordinates are continuous voxel indices (x, y, z) = (i, j, k); per view 12 doubles give the
 //     source S, the centre D0 of pixel (0, 0) and the steps Du, Dv per detector column / row;
 //   * ray (r, c) has direction d = ((D0 + c·Du) + r·Dv) - S (float64, this order), dominant axis m =
@@ -9,9 +8,12 @@
 //     interpolation with voxels outside the volume read as zero;
 //   * (A x)(ray) = L·Σ_s sample_s with L = ‖d ⊙ spacing‖ / |d_m| mm, and Aᵀ scatters y·L with the
 //     same four bilinear weights (the exact transpose).
-// Ray set-up (dominant axis, slopes, slice range, L) is done in float64 with correctly rounded operations,
-// so the discrete choices agree with the float64 reference; the per-sample coordinates and the
-// interpolation run in float32 (the operator is continuous in them).
+// The ray set-up (trace_ray: dominant axis, slopes, slice range, L) is the one copy used by every compiled
+// path: the CUDA kernels (projector.cu), the compiled CPU projector (ctrecon/operators/csrc/projector.cpp,
+// which includes this header as host code) and the CPU emulation of the kernels (tests/cuda_emulation.cpp).
+// It runs in float64 with correctly rounded operations, so the discrete choices agree with the float64
+// reference. The CUDA stepping below (Ray, footprint, ray_integral, ray_scatter) then runs in float32 with
+// explicit zero-border tests; the CPU path steps its own way (double or AVX2, on a zero-padded copy).
 #pragma once
 
 #include "common.cuh"
@@ -20,20 +22,20 @@ namespace ctrecon {
 
 constexpr int kViewFields = 12;
 
-// Voxel counts and sizes along (x, y, z) of a contiguous [Z, Y, X] float32 volume.
+// Voxel counts and sizes (mm) along (x, y, z) of a [Z, Y, X] volume.
 struct ProjectorGrid {
   int64_t n[3];
   double spacing[3];
 };
 
-// A ray ready to be stepped along its dominant axis: at slice s the in-plane coordinates are
-// P = p0 + s·dp, Q = q0 + s·dq (float32, fused multiply-add); slices [begin, end) can be nonzero.
-struct Ray {
-  float p0, dp, q0, dq;
-  float length;  // mm between consecutive slices
+// A ray's float64 set-up: slices [begin, end) along the dominant axis m can hold a nonzero sample; at slice s
+// the in-plane coordinates (shifted by trace_ray's origin) are p0 + s·dp and q0 + s·dq.
+struct RayPath {
+  int m, p, q;            // dominant axis and in-plane axes (0 = x, 1 = y, 2 = z)
+  double p0, dp, q0, dq;  // in-plane coordinates at slice 0 and their steps per slice
+  double length;          // mm between consecutive slices
+  int64_t np, nq;         // voxel counts along p and q
   int64_t begin, end;
-  int64_t stride_m, stride_p, stride_q;  // element strides of the [Z, Y, X] layout
-  int64_t np, nq;                        // voxel counts along p and q
 };
 
 // Narrow [begin, end) to the slices s with lo < c0 + s·dc < hi (float64; the samples outside that open
@@ -56,7 +58,6 @@ CTRECON_HD void clip_slices(double c0, double dc, double lo, double hi, int64_t&
   end = min_of(end, static_cast<int64_t>(ceil(b)));
 }
 
-// Set up the ray of detector pixel (row, col) of a view; false when none of its samples can be nonzero.
 // Component `axis` (0 = x, 1 = y, 2 = z) of (x, y, z), without an indexed local array (which the GPU
 // would place in local memory).
 template <typename T>
@@ -64,10 +65,13 @@ CTRECON_HD T component(int axis, T x, T y, T z) {
   return axis == 0 ? x : (axis == 1 ? y : z);
 }
 
-// Set up the ray of detector pixel (row, col) of a view; false when none of its samples can be nonzero.
-CTRECON_HD bool setup_ray(const double* view, int64_t row, int64_t col, const ProjectorGrid& g, Ray& ray) {
+// Set up the ray of detector pixel (row, col) of a view (view = (S, D0, Du, Dv), 3 doubles each) in
+// coordinates shifted by `origin` (0: voxel indices; 1: indices of a grid padded by one voxel on every side);
+// false when none of its samples can be nonzero.
+CTRECON_HD bool trace_ray(const double* view, int64_t row, int64_t col, const ProjectorGrid& g, double origin,
+                          RayPath& ray) {
   const double c = static_cast<double>(col), r = static_cast<double>(row);
-  // d = ((D0 + c·Du) + r·Dv) - S; view = (S, D0, Du, Dv), 3 doubles each
+  // d = ((D0 + c·Du) + r·Dv) - S
   const double dx = sub_rn(add_rn(add_rn(view[3], mul_rn(c, view[6])), mul_rn(r, view[9])), view[0]);
   const double dy = sub_rn(add_rn(add_rn(view[4], mul_rn(c, view[7])), mul_rn(r, view[10])), view[1]);
   const double dz = sub_rn(add_rn(add_rn(view[5], mul_rn(c, view[8])), mul_rn(r, view[11])), view[2]);
@@ -77,26 +81,52 @@ CTRECON_HD bool setup_ray(const double* view, int64_t row, int64_t col, const Pr
   const int q = (m == 2) ? 1 : 2;
   const double d_m = component(m, dx, dy, dz), d_p = component(p, dx, dy, dz), d_q = component(q, dx, dy, dz);
   const double s_m = component(m, view[0], view[1], view[2]);
-  const double slope_p = d_p / d_m, slope_q = d_q / d_m;
-  const double p0 = sub_rn(component(p, view[0], view[1], view[2]), mul_rn(s_m, slope_p));
-  const double q0 = sub_rn(component(q, view[0], view[1], view[2]), mul_rn(s_m, slope_q));
+  ray.m = m;
+  ray.p = p;
+  ray.q = q;
+  ray.dp = d_p / d_m;
+  ray.dq = d_q / d_m;
+  ray.p0 = add_rn(sub_rn(component(p, view[0], view[1], view[2]), mul_rn(s_m, ray.dp)), origin);
+  ray.q0 = add_rn(sub_rn(component(q, view[0], view[1], view[2]), mul_rn(s_m, ray.dq)), origin);
   const double wx = dx * g.spacing[0], wy = dy * g.spacing[1], wz = dz * g.spacing[2];
-  ray.length = static_cast<float>(sqrt(wx * wx + wy * wy + wz * wz) / fabs(d_m));
-  ray.p0 = static_cast<float>(p0);
-  ray.dp = static_cast<float>(slope_p);
-  ray.q0 = static_cast<float>(q0);
-  ray.dq = static_cast<float>(slope_q);
-  const int64_t plane = g.n[0] * g.n[1];
-  ray.stride_m = component<int64_t>(m, 1, g.n[0], plane);
-  ray.stride_p = component<int64_t>(p, 1, g.n[0], plane);
-  ray.stride_q = component<int64_t>(q, 1, g.n[0], plane);
+  ray.length = sqrt(wx * wx + wy * wy + wz * wz) / fabs(d_m);
   ray.np = component(p, g.n[0], g.n[1], g.n[2]);
   ray.nq = component(q, g.n[0], g.n[1], g.n[2]);
   ray.begin = 0;
   ray.end = component(m, g.n[0], g.n[1], g.n[2]);
-  clip_slices(p0, slope_p, -1.0, static_cast<double>(ray.np), ray.begin, ray.end);
-  clip_slices(q0, slope_q, -1.0, static_cast<double>(ray.nq), ray.begin, ray.end);
+  clip_slices(ray.p0, ray.dp, origin - 1.0, static_cast<double>(ray.np) + origin, ray.begin, ray.end);
+  clip_slices(ray.q0, ray.dq, origin - 1.0, static_cast<double>(ray.nq) + origin, ray.begin, ray.end);
   return ray.begin < ray.end;
+}
+
+// A ray ready to be stepped by the CUDA kernels: at slice s the in-plane coordinates are P = p0 + s·dp,
+// Q = q0 + s·dq (float32, fused multiply-add); slices [begin, end) can be nonzero.
+struct Ray {
+  float p0, dp, q0, dq;
+  float length;  // mm between consecutive slices
+  int64_t begin, end;
+  int64_t stride_m, stride_p, stride_q;  // element strides of the [Z, Y, X] layout
+  int64_t np, nq;                        // voxel counts along p and q
+};
+
+// Set up the ray of detector pixel (row, col) of a view; false when none of its samples can be nonzero.
+CTRECON_HD bool setup_ray(const double* view, int64_t row, int64_t col, const ProjectorGrid& g, Ray& ray) {
+  RayPath path;
+  const bool hits = trace_ray(view, row, col, g, 0.0, path);
+  ray.p0 = static_cast<float>(path.p0);
+  ray.dp = static_cast<float>(path.dp);
+  ray.q0 = static_cast<float>(path.q0);
+  ray.dq = static_cast<float>(path.dq);
+  ray.length = static_cast<float>(path.length);
+  const int64_t plane = g.n[0] * g.n[1];
+  ray.stride_m = component<int64_t>(path.m, 1, g.n[0], plane);
+  ray.stride_p = component<int64_t>(path.p, 1, g.n[0], plane);
+  ray.stride_q = component<int64_t>(path.q, 1, g.n[0], plane);
+  ray.np = path.np;
+  ray.nq = path.nq;
+  ray.begin = path.begin;
+  ray.end = path.end;
+  return hits;
 }
 
 // Bilinear footprint of slice s: the lower corner (ip, iq), its element offset, and the fractions.

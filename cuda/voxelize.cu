@@ -12,7 +12,7 @@
 // Backward: per (Gaussian, tile) the block reduces the site moments Σ w·(1, d, d dᵀ) — a warp-shuffle
 // sum per warp (skipped when no lane of the warp is inside the Gaussian), shared-memory atomics across the
 // warps, then one global atomicAdd per moment and tile. The moments are turned into gradients for μ, the
-// precision entries and I in torch (ctrecon/_cuda.py), where autograd finishes the chain through the
+// precision entries and I in torch (ctrecon/operators/voxelize.py), where autograd finishes the chain through the
 // covariance and the quaternion. Float atomics make the backward's low bits run-to-run nondeterministic.
 #include <cuda_runtime.h>
 

@@ -1,13 +1,14 @@
-// Gaussian voxelizer: the per-thread pieces shared by the kernels of voxelize.cu and the CPU emulation.
+// Gaussian voxelizer: the per-thread pieces shared by the kernels of voxelize.cu and the CPU emulation, and the
+// evaluation of q that the compiled CPU voxelizer (ctrecon/operators/csrc/voxelize_cpu.cpp) includes too.
 //
-// Semantics are those of ctrecon/gaussians/render.py (its docstring is the contract): a site (voxel centre
+// Semantics are those of ctrecon/operators/voxelize.py (its docstring is the contract): a site (voxel centre
 // or query point) at p gets Σ_g I_g·exp(-q_g/2) over the Gaussians g whose integer box contains the site's
 // lattice cell and with q_g = dᵀ P_g d <= k², d = p - μ_g, q evaluated in the documented order with one
 // rounding per operation (mul_rn / add_rn), so the inclusion test agrees with the reference exactly.
 //
 // Sites live on an integer lattice: for dense grids the lattice is the voxel grid (a site's cell is its
 // voxel index and the boxes are the reference's voxel boxes); for query points it is the reference's
-// uniform grid of cells (render._PointPairs: a point's cell and a Gaussian's cell box, so the
+// uniform grid of cells (voxelize._PointPairs: a point's cell and a Gaussian's cell box, so the
 // (Gaussian, point) pairs are exactly the reference's). The lattice is cut into tiles of
 // tile[0]×tile[1]×tile[2] cells; a dense tile holds exactly kVoxelizeBlock voxels (one per thread).
 //
@@ -156,6 +157,25 @@ CTRECON_HD GaussianRecord load_gaussian(const Gaussians& gaussians, int64_t g) {
   return r;
 }
 
+// q = dᵀ P d in the documented order, P = (Pxx, Pxy, Pxz, Pyy, Pyz, Pzz), grouped by what stays fixed along a
+// row of voxels (fixed dy, dz), as the CPU voxelizer hoists it out of its loop over the row:
+//   q = dx·(Pxx·dx + 2·b) + c,   b = Pxy·dy + Pxz·dz,   c = dy·(Pyy·dy + (2·Pyz)·dz) + (Pzz·dz)·dz
+// (float32 or float64, one rounding per operation).
+template <typename T>
+CTRECON_HD T row_linear_term(const T* P, T dy, T dz) {
+  return add_rn(mul_rn(P[1], dy), mul_rn(P[2], dz));
+}
+
+template <typename T>
+CTRECON_HD T row_constant_term(const T* P, T dy, T dz) {
+  return add_rn(mul_rn(dy, add_rn(mul_rn(P[3], dy), mul_rn(mul_rn(T(2), P[4]), dz))), mul_rn(mul_rn(P[5], dz), dz));
+}
+
+template <typename T>
+CTRECON_HD T row_mahalanobis(T pxx, T dx, T linear, T constant) {
+  return add_rn(mul_rn(dx, add_rn(mul_rn(pxx, dx), mul_rn(T(2), linear))), constant);
+}
+
 // Whether the Gaussian contributes to the site; if so d = p - μ and e = exp(-q/2). The reference keeps a
 // pair unless q > k² (so a NaN q is kept, as there).
 CTRECON_HD bool gaussian_term(const GaussianRecord& r, const Site& s, float k2, float* d, float& e) {
@@ -163,12 +183,7 @@ CTRECON_HD bool gaussian_term(const GaussianRecord& r, const Site& s, float k2, 
     if (s.cell[a] < r.lo[a] || s.cell[a] > r.hi[a]) return false;
   }
   const float dx = sub_rn(s.pos[0], r.mean[0]), dy = sub_rn(s.pos[1], r.mean[1]), dz = sub_rn(s.pos[2], r.mean[2]);
-  const float* P = r.prec;
-  // q = dx·(Pxx·dx + 2·(Pxy·dy + Pxz·dz)) + (dy·(Pyy·dy + 2·Pyz·dz) + (Pzz·dz)·dz)
-  const float cross = mul_rn(2.0f, add_rn(mul_rn(P[1], dy), mul_rn(P[2], dz)));
-  const float first = mul_rn(dx, add_rn(mul_rn(P[0], dx), cross));
-  const float second = mul_rn(dy, add_rn(mul_rn(P[3], dy), mul_rn(mul_rn(2.0f, P[4]), dz)));
-  const float q = add_rn(first, add_rn(second, mul_rn(mul_rn(P[5], dz), dz)));
+  const float q = row_mahalanobis(r.prec[0], dx, row_linear_term(r.prec, dy, dz), row_constant_term(r.prec, dy, dz));
   if (q > k2) return false;
   d[0] = dx;
   d[1] = dy;

@@ -19,8 +19,7 @@ import time
 
 import torch
 
-from ctrecon.operators import _voxelize_cpu as _cpu
-from ctrecon.operators.voxelize import voxelize
+from ctrecon.operators.voxelize import cpu_voxelizer, voxelize
 from ctrecon.core.geometry import VolumeGeometry
 
 # (name, batch, Gaussians per item, grid, σ range in voxels or None for the command-line range)
@@ -92,8 +91,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if "cpu" in backends and not _cpu.available():
-        print(f"compiled kernel unavailable ({_cpu.build_error()}); skipping it", file=sys.stderr)
+    if "cpu" in backends and cpu_voxelizer.get() is None:
+        print(f"compiled kernel unavailable ({cpu_voxelizer.unavailable()}); skipping it", file=sys.stderr)
         backends.remove("cpu")
     cases = CASES if args.cases is None else [CASES[int(i)] for i in args.cases.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, σ ∈ [{args.sigma_min}, "

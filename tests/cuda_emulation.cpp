@@ -6,7 +6,7 @@
 // geometry, shared-memory staging, barriers, warp reductions), which only a GPU run checks.
 //
 // The functions mirror the binding of cuda/ext.cpp (same names and argument order, raw pointers and sizes
-// instead of tensors, no stream), so that ctrecon/_cuda.py's glue runs unchanged over them.
+// instead of tensors, no stream), so that the operators' CUDA glue (ctrecon/operators/) runs unchanged over them.
 #include <cstdint>
 #include <cstring>
 
@@ -28,12 +28,10 @@ Lattice lattice_of(const int64_t* spec) {
   return make_lattice(n, tile, spec[6]);
 }
 
-// One block per key, kVoxelizeBlock threads per chunk, each summing its tile's list in order (the
-// forward_kernel of voxelize.cu without the shared-memory staging).
-template <class Sites>
-void render(const Gaussians& gaussians, const TileLists& lists, const Sites& sites, int64_t n_keys, float k2,
-            float* out, int64_t n_out) {
-  std::memset(out, 0, sizeof(float) * n_out);
+// Every site of a launch of voxelize.cu, in block (tile key, chunk) and thread order: body(site, out_index,
+// first, last) with the tile's Gaussian list lists.ids[first .. last); keys with an empty list are skipped.
+template <class Sites, class Body>
+void for_each_site(const TileLists& lists, const Sites& sites, int64_t n_keys, const Body& body) {
   for (int64_t key = 0; key < n_keys; ++key) {
     const int64_t first = list_begin(lists.ends, key), last = lists.ends[key];
     if (first == last) continue;
@@ -41,13 +39,22 @@ void render(const Gaussians& gaussians, const TileLists& lists, const Sites& sit
       for (int thread = 0; thread < kVoxelizeBlock; ++thread) {
         Site site;
         int64_t out_index = 0;
-        if (!site_of(sites, key, chunk, thread, site, out_index)) continue;
-        float value = 0.0f;
-        for (int64_t n = first; n < last; ++n) value += gaussian_value(load_gaussian(gaussians, lists.ids[n]), site, k2);
-        out[out_index] = value;
+        if (site_of(sites, key, chunk, thread, site, out_index)) body(site, out_index, first, last);
       }
     }
   }
+}
+
+// The forward_kernel of voxelize.cu without the shared-memory staging: each site sums its tile's list in order.
+template <class Sites>
+void render(const Gaussians& gaussians, const TileLists& lists, const Sites& sites, int64_t n_keys, float k2,
+            float* out, int64_t n_out) {
+  std::memset(out, 0, sizeof(float) * n_out);
+  for_each_site(lists, sites, n_keys, [&](const Site& site, int64_t out_index, int64_t first, int64_t last) {
+    float value = 0.0f;
+    for (int64_t n = first; n < last; ++n) value += gaussian_value(load_gaussian(gaussians, lists.ids[n]), site, k2);
+    out[out_index] = value;
+  });
 }
 
 // The backward_kernel of voxelize.cu with its reductions done as serial sums.
@@ -55,24 +62,15 @@ template <class Sites>
 void moments_of(const Gaussians& gaussians, const TileLists& lists, const Sites& sites, int64_t n_keys, float k2,
                 const float* grad_out, float* moments, int64_t n_gaussians) {
   std::memset(moments, 0, sizeof(float) * kMoments * n_gaussians);
-  for (int64_t key = 0; key < n_keys; ++key) {
-    const int64_t first = list_begin(lists.ends, key), last = lists.ends[key];
-    if (first == last) continue;
-    for (int64_t chunk = 0; chunk < site_chunks(sites, key); ++chunk) {
-      for (int thread = 0; thread < kVoxelizeBlock; ++thread) {
-        Site site;
-        int64_t out_index = 0;
-        if (!site_of(sites, key, chunk, thread, site, out_index)) continue;
-        const float grad = grad_out[out_index];
-        if (grad == 0.0f) continue;
-        for (int64_t n = first; n < last; ++n) {
-          float m[kMoments];
-          if (!gaussian_moments(load_gaussian(gaussians, lists.ids[n]), site, k2, grad, m)) continue;
-          for (int c = 0; c < kMoments; ++c) moments[static_cast<int64_t>(lists.ids[n]) * kMoments + c] += m[c];
-        }
-      }
+  for_each_site(lists, sites, n_keys, [&](const Site& site, int64_t out_index, int64_t first, int64_t last) {
+    const float grad = grad_out[out_index];
+    if (grad == 0.0f) return;
+    for (int64_t n = first; n < last; ++n) {
+      float m[kMoments];
+      if (!gaussian_moments(load_gaussian(gaussians, lists.ids[n]), site, k2, grad, m)) continue;
+      for (int c = 0; c < kMoments; ++c) moments[static_cast<int64_t>(lists.ids[n]) * kMoments + c] += m[c];
     }
-  }
+  });
 }
 
 Gaussians gaussians_of(const float* means, const float* prec, const float* intensities, const int32_t* lo,

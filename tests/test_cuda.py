@@ -1,11 +1,11 @@
-"""CUDA kernels (cuda/, ctrecon/_cuda.py).
+"""CUDA kernels (cuda/) and their glue in the operators (ctrecon/operators/).
 
 Three layers, so that a machine without a GPU still checks most of the code:
 
 * build: every torch-free ``cuda/*.cu`` compiles with nvcc (when nvcc is on PATH);
 * emulation: the kernels' per-thread code (the CTRECON_HD functions of ``cuda/*.cuh``) compiled as plain
   C++ (tests/cuda_emulation.cpp) and run serially over every thread of each launch, behind the real glue
-  of ctrecon/_cuda.py and the real dispatch of Projector, fdk and the renderer, against the torch
+  of ctrecon/operators/ and the real dispatch of Projector, fdk and the renderer, against the torch
   references. Not covered there: the block-level code of the .cu files (launch geometry, shared memory,
   barriers, warp reductions, atomics);
 * GPU: the compiled extension against the torch reference on the same device (skipped without one).
@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import torch
 
-from ctrecon.operators import _cuda
+from ctrecon.operators import _backend
 from ctrecon.operators.fdk import angular_weights, backproject, fdk
-from ctrecon.operators.voxelize import render_points, voxelize
+from ctrecon.operators.voxelize import _TileLists, render_points, voxelize
 from ctrecon.core.geometry import ConeBeamGeometry, VolumeGeometry
 from ctrecon.operators.projector import Projector
 
@@ -107,11 +107,11 @@ def rendered_with_gradients(render, params, seed=3):
 
 # --------------------------------------------------------------------------- sources and build
 def test_kernel_sources_are_present_and_torch_free():
-    directory = Path(_cuda.source_dir())
-    for name in (*_cuda.SOURCES, *_cuda.HEADERS):
+    directory = Path(_backend.source_dir())
+    for name in (*_backend.CUDA_SOURCES, *_backend.CUDA_HEADERS):
         assert (directory / name).is_file(), f"missing kernel source {name}"
     torch_include = re.compile(r'#\s*include\s*[<"](torch|ATen|c10|pybind11)/')
-    for name in (*_cuda.SOURCES, *_cuda.HEADERS):
+    for name in (*_backend.CUDA_SOURCES, *_backend.CUDA_HEADERS):
         text = (directory / name).read_text()
         if name == "ext.cpp":
             assert torch_include.search(text), "the binding includes torch"
@@ -122,7 +122,7 @@ def test_kernel_sources_are_present_and_torch_free():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_kernels_compile_with_nvcc(tmp_path):
-    sources = [Path(_cuda.source_dir()) / name for name in _cuda.SOURCES if name.endswith(".cu")]
+    sources = [Path(_backend.source_dir()) / name for name in _backend.CUDA_SOURCES if name.endswith(".cu")]
 
     def compile_one(source):
         command = ["nvcc", "-c", "-arch=sm_90", "-std=c++17", str(source), "-o", str(tmp_path / f"{source.stem}.o")]
@@ -135,17 +135,17 @@ def test_kernels_compile_with_nvcc(tmp_path):
 
 
 def test_no_kernels_for_cpu_or_float64_and_nothing_built():
-    assert _cuda.kernels_for("cpu") is None
-    assert _cuda.kernels_for("cuda", torch.float64) is None
+    assert _backend.kernels_for("cpu") is None
+    assert _backend.kernels_for("cuda", torch.float64) is None
     if not HAS_GPU:
-        assert _cuda.kernels_for("cuda") is None
-        assert _cuda._extension._module is None and not _cuda._extension._failed  # never tried to build
+        assert _backend.kernels_for("cuda") is None
+        assert _backend._cuda_extension._module is None and not _backend._cuda_extension._failed  # never tried to build
 
 
 def test_force_reference_wins_over_the_kernels(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("CTRECON_FORCE_REFERENCE", "1")
-    assert _cuda.kernels_for("cuda") is None
+    assert _backend.kernels_for("cuda") is None
 
 
 # --------------------------------------------------------------------------- CPU emulation
@@ -254,7 +254,7 @@ def emulation_library(tmp_path_factory):
     if compiler is None:
         pytest.skip("no C++ compiler for the CPU emulation of the kernels")
     library = tmp_path_factory.mktemp("cuda_emulation") / "cuda_emulation.so"
-    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", f"-I{_cuda.source_dir()}",
+    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", f"-I{_backend.source_dir()}",
                str(TESTS / "cuda_emulation.cpp"), "-o", str(library)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"emulation build failed:\n{result.stderr}"
@@ -263,10 +263,10 @@ def emulation_library(tmp_path_factory):
 
 @pytest.fixture
 def emulated(emulation_library, monkeypatch):
-    """Routes CPU float32 tensors through ctrecon/_cuda.py's glue onto the emulated kernels."""
+    """Routes CPU float32 tensors through the operators' CUDA glue onto the emulated kernels."""
     kernels = EmulatedKernels(emulation_library)
     monkeypatch.delenv("CTRECON_FORCE_REFERENCE", raising=False)
-    monkeypatch.setattr(_cuda, "kernels_for", lambda device, dtype=torch.float32: (
+    monkeypatch.setattr(_backend, "kernels_for", lambda device, dtype=torch.float32: (
         kernels if torch.device(device).type == "cpu" and dtype == torch.float32 else None))
     return kernels
 
@@ -328,7 +328,7 @@ def test_emulated_tile_lists_hold_every_overlap_once(emulated):
     lo, hi = lo.int().contiguous(), hi.int().contiguous()  # some boxes empty (hi < lo)
     tiles = [-(-n // t) for n, t in zip(lattice[:3], lattice[3:6])]
     n_keys = 2 * tiles[0] * tiles[1] * tiles[2]
-    lists = _cuda._TileLists(emulated, lo, hi, lattice, n_keys)
+    lists = _TileLists(emulated, lo, hi, lattice, n_keys)
     expected = [[] for _ in range(n_keys)]
     for gaussian in range(10):
         if (hi[gaussian] < lo[gaussian]).any():

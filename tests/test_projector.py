@@ -13,21 +13,21 @@ from ctrecon.operators import _backend
 from ctrecon.core import phantoms
 from ctrecon.core.errors import InputError
 from ctrecon.core.geometry import ConeBeamGeometry, VolumeGeometry, full_scan_angles
-from ctrecon.operators.projector import Projector
+from ctrecon.operators.projector import Projector, cpu_projector
 
 
 @pytest.fixture(scope="module")
 def extension():
     """The compiled CPU projector, built once for the whole module; skip where it cannot be built."""
-    module = _backend.cpu_projector.get()
+    module = cpu_projector.get()
     if module is None:
         pytest.skip("compiled CPU projector unavailable (no compiler, failed build or CTRECON_FORCE_REFERENCE)")
     return module
 
 
-@pytest.fixture(params=["reference", "compiled"])
+@pytest.fixture(params=["reference", "cpu"])
 def backend(request):
-    if request.param == "compiled":
+    if request.param == "cpu":
         request.getfixturevalue("extension")
     return request.param
 
@@ -139,7 +139,7 @@ def test_rays_that_miss_the_volume_give_zero(backend):
 def test_compiled_matches_reference(extension, make_geometry, dtype, tolerance):
     geometry = make_geometry()
     reference = Projector(geometry, backend="reference")
-    compiled = Projector(geometry, backend="compiled")
+    compiled = Projector(geometry, backend="cpu")
     generator = torch.Generator().manual_seed(2)
     x = torch.rand(geometry.nVoxel, generator=generator, dtype=dtype)
     y = torch.rand(geometry.projection_shape, generator=generator, dtype=dtype)
@@ -149,7 +149,7 @@ def test_compiled_matches_reference(extension, make_geometry, dtype, tolerance):
 
 def test_compiled_adjoint_does_not_depend_on_threads(extension):
     geometry = oblique_geometry()
-    A = Projector(geometry, backend="compiled")
+    A = Projector(geometry, backend="cpu")
     y = torch.rand(geometry.projection_shape, generator=torch.Generator().manual_seed(3))
     threads = torch.get_num_threads()
     try:
@@ -168,10 +168,10 @@ def test_auto_backend_uses_compiled_path_on_cpu(extension):
 
 def test_force_reference_environment_variable(monkeypatch, extension):
     monkeypatch.setenv("CTRECON_FORCE_REFERENCE", "1")
-    assert _backend.cpu_projector.get() is None
+    assert cpu_projector.get() is None
     assert not Projector(steep_geometry()).uses_compiled("cpu")
     with pytest.raises(RuntimeError, match="no compiled projector"):
-        Projector(steep_geometry(), backend="compiled")(torch.zeros(steep_geometry().nVoxel))
+        Projector(steep_geometry(), backend="cpu")(torch.zeros(steep_geometry().nVoxel))
 
 
 def test_failed_build_warns_once_and_falls_back(monkeypatch):
@@ -204,7 +204,7 @@ def test_build_cache_key_follows_content_path_and_flags(tmp_path):
 
 
 def test_importing_compiles_nothing():
-    code = ("import sys, ctrecon, ctrecon.projector, ctrecon._backend; "
+    code = ("import sys, ctrecon, ctrecon.operators.projector, ctrecon.operators._backend; "
             "print('torch.utils.cpp_extension' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

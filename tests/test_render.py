@@ -8,8 +8,7 @@ from scipy.spatial.transform import Rotation
 
 from ctrecon.operators import _backend
 from ctrecon.core.errors import InputError
-from ctrecon.operators import _voxelize_cpu as _cpu
-from ctrecon.operators.voxelize import bounding_half_widths, render_points, voxelize, voxelize_batch
+from ctrecon.operators.voxelize import bounding_half_widths, cpu_voxelizer, render_points, voxelize, voxelize_batch
 from ctrecon.core.geometry import VolumeGeometry
 
 BACKENDS = ["reference", "cpu"]
@@ -18,8 +17,8 @@ VOLUME = VolumeGeometry((6, 7, 8), (1.0, 1.2, 0.9), (0.5, -0.3, 0.2))
 
 @pytest.fixture(scope="module")
 def compiled():
-    if not _cpu.available():
-        pytest.fail(f"compiled CPU voxelizer failed to build: {_cpu.build_error()}")
+    if cpu_voxelizer.get() is None:
+        pytest.fail(f"compiled CPU voxelizer failed to build: {cpu_voxelizer.error}")
 
 
 def random_gaussians(n, volume=VOLUME, seed=0, dtype=torch.float64, batch=None):
@@ -202,14 +201,15 @@ def test_gaussians_outside_and_empty_inputs(compiled):
 
 def test_force_reference_environment(monkeypatch):
     monkeypatch.setenv("CTRECON_FORCE_REFERENCE", "1")
-    assert not _cpu.use_compiled("auto", torch.zeros(1))
+    assert _backend.select("auto", "cpu", torch.float32, operator="voxelizer", cpu=cpu_voxelizer).backend == "reference"
 
 
 def test_failed_build_falls_back_to_the_reference(monkeypatch):
-    monkeypatch.setattr(_backend.cpu_voxelizer, "error", "no compiler")
-    monkeypatch.setattr(_backend.cpu_voxelizer, "_module", None)
+    monkeypatch.setattr(cpu_voxelizer, "error", "no compiler")
+    monkeypatch.setattr(cpu_voxelizer, "_module", None)
     params = random_gaussians(5, dtype=torch.float32)
-    assert not _cpu.use_compiled("auto", params[0])
+    assert _backend.select("auto", params[0].device, params[0].dtype, operator="voxelizer",
+                           cpu=cpu_voxelizer).backend == "reference"
     torch.testing.assert_close(voxelize(*params, VOLUME), voxelize(*params, VOLUME, backend="reference"))
     with pytest.raises(RuntimeError, match="no compiler"):
         voxelize(*params, VOLUME, backend="cpu")

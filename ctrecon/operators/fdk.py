@@ -1,4 +1,4 @@
-"""Feldkamp–Davis–Kress (FDK) reconstruction for the circular cone beam of :mod:`ctrecon.geometry`.
+"""Feldkamp–Davis–Kress (FDK) reconstruction for the circular cone beam of :mod:`ctrecon.core.geometry`.
 
 Pipeline (Kak & Slaney, *Principles of Computerized Tomographic Imaging*, §3.6)::
 
@@ -17,6 +17,11 @@ Pipeline (Kak & Slaney, *Principles of Computerized Tomographic Imaging*, §3.6)
 3. Voxel-driven backprojection (:func:`backproject`), with the angular weight Δθ of each view.
 
 The result is in the projections' units per mm (unit attenuation for projections in unit × mm).
+
+Backends of the backprojection (``backend=``, resolved by :func:`ctrecon.operators._backend.select`):
+``"auto"`` runs the CUDA kernel (``cuda/fdk.cu``, per-voxel code in ``cuda/fdk.cuh``) for CUDA tensors and
+the torch reference of :func:`backproject` otherwise (there is no compiled CPU kernel, so ``"cpu"`` is an
+InputError); ``"reference"`` and ``"cuda"`` ask for one of them. Filtering and weighting are torch code.
 """
 from __future__ import annotations
 
@@ -26,10 +31,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ctrecon.operators import _cuda
-from ctrecon.operators._backend import resolve_device
 from ctrecon.core.errors import InputError
 from ctrecon.core.geometry import TWO_PI, ConeBeamGeometry
+from ctrecon.operators import _backend
 
 __all__ = ["FILTERS", "fdk", "filter_projections", "filter_response", "ramp_kernel", "cosine_weights",
            "parker_weights", "redundancy_weights", "angular_weights", "backproject"]
@@ -189,7 +193,8 @@ def angular_weights(geometry: ConeBeamGeometry) -> np.ndarray:
 
 # --------------------------------------------------------------------------- backprojection
 def backproject(filtered: torch.Tensor, geometry: ConeBeamGeometry, view_weights: torch.Tensor | np.ndarray,
-                *, max_elements: Optional[int] = None, progress: Optional[ProgressCallback] = None) -> torch.Tensor:
+                *, max_elements: Optional[int] = None, progress: Optional[ProgressCallback] = None,
+                backend: str = "auto") -> torch.Tensor:
     """Voxel-driven FDK backprojection ``[A, V, U] → [Z, Y, X]`` (float32, on ``filtered``'s device).
 
     Exact discretisation (a CUDA kernel must reproduce it): for voxel (k, j, i) with world centre
@@ -206,10 +211,11 @@ def backproject(filtered: torch.Tensor, geometry: ConeBeamGeometry, view_weights
     detector, which gives the same values). All arithmetic is float32. Memory is bounded by
     processing chunks of views (and z slabs) of at most ``max_elements`` voxel-view pairs (default
     2²¹ on CPU: few, large tensor operations with about 200 MB of temporaries; 2²⁴ on GPU);
-    ``progress(done, total)`` is called after each chunk of views. CUDA tensors go through the kernel of
-    ``cuda/fdk.cu`` (same sums, all views in one pass, progress reported once; see :mod:`ctrecon._cuda`).
+    ``progress(done, total)`` is called after each chunk of views. ``backend`` (see the module docstring):
+    the CUDA kernel of ``cuda/fdk.cu`` computes the same sums, all views in one pass (progress reported once).
     """
     device = filtered.device
+    kernels = _backend.select(backend, device, torch.float32, operator="FDK backprojection")
     n_views, n_rows, n_columns = filtered.shape
     volume = geometry.volume
     n_z, n_y, n_x = volume.shape
@@ -222,10 +228,9 @@ def backproject(filtered: torch.Tensor, geometry: ConeBeamGeometry, view_weights
     weights = torch.as_tensor(view_weights).to(**f32)
     (dv, du), (ov, ou) = geometry.dDetector, geometry.offDetector
     dso, dsd = float(geometry.DSO), float(geometry.DSD)
-    kernels = _cuda.kernels_for(device)
-    if kernels is not None:
-        out = _cuda.fdk_backproject(kernels, filtered.to(torch.float32), xs, ys, zs, cos, sin, weights,
-                                    (dso, dsd, du, dv, ou, ov))
+    if kernels.backend == "cuda":
+        out = _cuda_backproject(kernels.module, filtered.to(torch.float32), xs, ys, zs, cos, sin, weights,
+                                (dso, dsd, du, dv, ou, ov))
         if progress is not None:
             progress(n_views, n_views)
         return out
@@ -265,15 +270,26 @@ def backproject(filtered: torch.Tensor, geometry: ConeBeamGeometry, view_weights
     return out.reshape(n_z, n_y, n_x)
 
 
+def _cuda_backproject(kernels, filtered, xs, ys, zs, cos, sin, weights, scan) -> torch.Tensor:
+    """:func:`backproject` with the CUDA kernel: filtered ``[A, V, U]``, the float32 tables xs ``[X]``, ys ``[Y]``,
+    zs ``[Z]`` (mm), cos θ, sin θ, weights ``[A]`` and scan = (DSO, DSD, du, dv, ou, ov) → ``[Z, Y, X]``."""
+    tables = [t.contiguous() for t in (filtered, xs, ys, zs, cos, sin, weights)]
+    out = filtered.new_empty((zs.numel(), ys.numel(), xs.numel()))
+    kernels.fdk_backproject(*tables, [float(v) for v in scan], out)
+    return out
+
+
 # --------------------------------------------------------------------------- FDK
 def fdk(projections, geometry: ConeBeamGeometry, filter: str = "ram-lak", *, device=None,
-        max_elements: Optional[int] = None, progress: Optional[ProgressCallback] = None) -> torch.Tensor:
+        max_elements: Optional[int] = None, progress: Optional[ProgressCallback] = None,
+        backend: str = "auto") -> torch.Tensor:
     """FDK reconstruction ``[Z, Y, X]`` (float32) of cone-beam ``projections`` ``[A, V, U]``.
 
     projections: numpy array or torch tensor (line integrals, unit attenuation × mm). geometry: the
     scan's :class:`ConeBeamGeometry` (its volume is the reconstruction grid; ``arc`` < 2π selects
     Parker short-scan weighting). filter: one of :data:`FILTERS`. device: where to compute ("auto",
     "cpu", "cuda", a torch.device; default: the tensor's device, CPU for numpy). ``progress(done_views, total_views)`` reports backprojection.
+    backend: of the backprojection (:func:`backproject`).
 
     Not handled: detectors offset so far that part of the object is seen only half the time
     (half-fan scans need extra redundancy weights); the detector should cover the object from every view.
@@ -284,7 +300,8 @@ def fdk(projections, geometry: ConeBeamGeometry, filter: str = "ram-lak", *, dev
     pre_weights = cosine_weights(geometry)[None, :, :] * redundancy_weights(geometry)[:, None, :]
     weighted = data * torch.as_tensor(pre_weights, dtype=torch.float32, device=data.device)
     filtered = filter_projections(weighted, geometry, name)
-    return backproject(filtered, geometry, angular_weights(geometry), max_elements=max_elements, progress=progress)
+    return backproject(filtered, geometry, angular_weights(geometry), max_elements=max_elements, progress=progress,
+                       backend=backend)
 
 
 def _as_projection_tensor(projections, geometry: ConeBeamGeometry, device) -> torch.Tensor:
@@ -295,7 +312,7 @@ def _as_projection_tensor(projections, geometry: ConeBeamGeometry, device) -> to
             data = torch.as_tensor(np.asarray(projections, dtype=np.float32))
         except (TypeError, ValueError):
             raise InputError("projections must be a numeric array [A, V, U]") from None
-    target = resolve_device(device) if device is not None else data.device
+    target = _backend.resolve_device(device) if device is not None else data.device
     if tuple(data.shape) != tuple(geometry.projection_shape):
         raise InputError(f"projections have shape {tuple(data.shape)} but the geometry expects "
                          f"{tuple(geometry.projection_shape)} (views, detector rows, detector columns)")

@@ -9,7 +9,7 @@ Both directions are ``torch.autograd.Function``\\ s whose backward is the other 
 gradients (and gradients of gradients) are exact.
 
 Discretisation (the contract that every backend implements: the torch reference here, the
-compiled CPU path in ``csrc/projector.cpp``, and any GPU kernel):
+compiled CPU kernel and the CUDA kernels):
 
 1. Coordinates are continuous voxel indices (i, j, k) = (x, y, z): voxel ``[k, j, i]`` is centred on
    the integer point (i, j, k) (``VolumeGeometry.world_to_index``). Per view, computed in float64:
@@ -28,11 +28,14 @@ compiled CPU path in ``csrc/projector.cpp``, and any GPU kernel):
 5. ``A.T`` scatters ``y(ray)·L·w`` onto the same four voxels with the same bilinear weights w: the
    exact transpose, so ⟨A x, y⟩ = ⟨x, Aᵀ y⟩ up to floating-point rounding.
 
-Backends: CPU tensors use the compiled CPU path (``csrc/projector.cpp``), CUDA float32 tensors the
-CUDA kernels (``ctrecon._cuda``), both built on first use (``_backend.LazyExtension``); where a build
-fails, for other devices/dtypes, or with ``CTRECON_FORCE_REFERENCE=1``, the torch reference runs.
-The reference works on chunks of detector rows whose temporaries fit ``memory_budget`` bytes, so memory
-stays bounded for any number of views; the compiled CPU path needs one zero-padded copy of the volume.
+Backends (``backend=``, resolved by :func:`ctrecon.operators._backend.select`): ``"auto"`` runs the CUDA
+kernels (``cuda/projector.cu``) for CUDA float32 tensors and the compiled CPU kernel (``csrc/projector.cpp``,
+OpenMP, AVX2 where present) for CPU float32/float64 tensors, both built on first use, and the torch
+reference below for anything else, where a build fails or with ``CTRECON_FORCE_REFERENCE=1``;
+``"reference"``, ``"cpu"`` and ``"cuda"`` ask for one of them. Both compiled paths set up each ray with the
+same code (``trace_ray`` in ``cuda/projector.cuh``). The reference works on chunks of detector rows whose
+temporaries fit ``memory_budget`` bytes, so memory stays bounded for any number of views; the compiled CPU
+path needs one zero-padded copy of the volume.
 """
 from __future__ import annotations
 
@@ -43,14 +46,14 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ctrecon.operators import _backend
-from ctrecon.operators import _cuda
 from ctrecon.core.errors import InputError
 from ctrecon.core.geometry import ConeBeamGeometry
+from ctrecon.operators import _backend
 
-__all__ = ["Projector", "view_table"]
+__all__ = ["Projector", "view_table", "cpu_projector"]
 
-BACKENDS = ("auto", "reference", "compiled")
+#: The compiled CPU kernel (csrc/projector.cpp, which includes the ray set-up of cuda/projector.cuh).
+cpu_projector = _backend.cpu_extension("cpu_projector", "projector.cpp", ["common.cuh", "projector.cuh"])
 
 # Bytes of torch temporaries per (ray, slice) sample in the reference, plus per batch item.
 _BYTES_PER_SAMPLE = 128
@@ -99,21 +102,35 @@ class _Adjoint(torch.autograd.Function):
         return None, _Forward.apply(ctx.projector, grad)
 
 
+class _CudaKernels:
+    """The CUDA kernels (cuda/projector.cu) behind the interface of the CPU extension: one batch item per call,
+    float32 tensors and views ``[A, 12]`` float64 on one CUDA device."""
+
+    def __init__(self, launcher):
+        self._launcher = launcher
+
+    def forward(self, volume, views, spacing, out):
+        """volume ``[Z, Y, X]`` → out ``[A, V, U]``."""
+        self._launcher.project_forward(volume, views, list(spacing), out)
+
+    def adjoint(self, projections, views, spacing, slab_rows, out):
+        """projections ``[A, V, U]`` → out ``[Z, Y, X]`` (overwritten); ``slab_rows`` only matters on the CPU."""
+        self._launcher.project_adjoint(projections, views, list(spacing), out)
+
+
 class Projector:
     """Cone-beam projector of ``geometry`` (see the module docstring for the discretisation).
 
-    backend: ``"auto"`` (compiled kernels where they exist and build, else the torch reference),
-    ``"reference"`` (always the torch reference) or ``"compiled"`` (a RuntimeError for tensors that
-    no compiled kernel takes). memory_budget: bytes of temporaries per chunk of rays in the
-    reference (default: 4 MiB on CPU, where small cache-sized chunks are fastest, 1 GiB on GPUs).
+    backend: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"cuda"`` (see the module docstring; "cpu" and "cuda"
+    raise an InputError for tensors on the other device). memory_budget: bytes of temporaries per chunk of
+    rays in the reference (default: 4 MiB on CPU, where small cache-sized chunks are fastest, 1 GiB on GPUs).
     """
 
     def __init__(self, geometry: ConeBeamGeometry, *, backend: str = "auto", memory_budget: int | None = None,
                  _views: np.ndarray | None = None):
         if not isinstance(geometry, ConeBeamGeometry):
             raise InputError(f"Projector needs a ConeBeamGeometry, got {type(geometry).__name__}")
-        if backend not in BACKENDS:
-            raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        _backend.check_backend(backend, "projector")
         if memory_budget is not None and int(memory_budget) <= 0:
             raise InputError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
         self.geometry = geometry
@@ -191,15 +208,8 @@ class Projector:
 
     def _kernels(self, device: torch.device, dtype: torch.dtype):
         """The compiled kernels for these tensors (``forward``/``adjoint`` of one batch item), or None."""
-        if self.backend == "reference":
-            return None
-        kernels = _cuda.projector_kernels(device, dtype)
-        if kernels is None and device.type == "cpu":
-            kernels = _backend.cpu_projector.get()
-        if kernels is None and self.backend == "compiled":
-            raise RuntimeError(f"no compiled projector for {dtype} tensors on {device} (the build failed, "
-                               "CTRECON_FORCE_REFERENCE is set, or there is no kernel for them)")
-        return kernels
+        kernels = _backend.select(self.backend, device, dtype, operator="projector", cpu=cpu_projector)
+        return _CudaKernels(kernels.module) if kernels.backend == "cuda" else kernels.module
 
     def _views_on(self, device: torch.device) -> torch.Tensor:
         key = str(device)

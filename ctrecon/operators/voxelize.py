@@ -1,5 +1,13 @@
 """Gaussian field → voxel values: dense grids (:func:`voxelize`) and sparse points (:func:`render_points`).
 
+    grid = voxelize(means, scales, quats, intensities, volume)           # [(B,) N, …] → [(B,) Z, Y, X]
+    values = render_points(means, scales, quats, intensities, points)    # points [(B,) M, 3] → [(B,) M]
+
+means and scales in the length unit of ``volume`` / ``points`` (world mm, or the prior's [0,1]³ blocks),
+quats (w, x, y, z), intensities and outputs in the field's unit (unit attenuation). This module holds the
+operator's autograd functions, its dispatch and its pure-PyTorch reference; the compiled kernels are in
+``csrc/voxelize_cpu.cpp`` and ``cuda/voxelize.cu``.
+
 Semantics (shared by every backend; a CUDA kernel must reproduce them to 1e-4):
 
 * Gaussian g has centre μ (x, y, z), scales s (σ along its body axes, > 0), rotation quaternion
@@ -10,7 +18,7 @@ Semantics (shared by every backend; a CUDA kernel must reproduce them to 1e-4):
   ``q_g(p) = dx·(Pxx·dx + 2·(Pxy·dy + Pxz·dz)) + (dy·(Pyy·dy + 2·Pyz·dz) + (Pzz·dz)·dz)`` (this order),
   and the value is ``Σ_g I_g·exp(−½ q_g(p))`` over the Gaussians with ``q_g(p) ≤ k_sigma²`` (inclusive
   ≤: a point exactly at Mahalanobis distance k_sigma counts). A sum, no alpha compositing.
-* Voxel (k, j, i) centres are ``(i−(X−1)/2)·dx + ox`` etc. (geometry.py), computed in float64 and
+* Voxel (k, j, i) centres are ``(i−(X−1)/2)·dx + ox`` etc. (core/geometry.py), computed in float64 and
   rounded once to the working dtype. Everything else runs in the dtype of the inputs (float32 or
   float64); sums accumulate in that dtype.
 * The per-Gaussian axis-aligned box ``μ ± k_sigma·sqrt(diag Σ)`` is exactly the bounding box of the
@@ -21,14 +29,26 @@ Semantics (shared by every backend; a CUDA kernel must reproduce them to 1e-4):
 Batches: parameters ``[B, N, ...]`` render into ``[B, Z, Y, X]`` (Gaussians of item b only touch item
 b); :func:`voxelize_batch` is the same call spelled out for readers of the prior's code.
 
-Backends: a compiled C++/OpenMP CPU kernel (``ctrecon/csrc/voxelize_cpu.cpp``, built lazily on first
-use, see :mod:`ctrecon.gaussians._cpu`) for CPU tensors of :func:`voxelize`; the tile-based CUDA kernels
-(``cuda/voxelize.cu``, see :mod:`ctrecon._cuda`) for CUDA float32 tensors of :func:`voxelize` (backend
-"auto") and :func:`render_points`; everywhere else, and
-when ``CTRECON_FORCE_REFERENCE=1`` or the build fails, the pure-PyTorch reference below, which is
-the oracle of the tests. Memory is bounded by processing (Gaussian, voxel) pairs in chunks of
-``chunk_size`` elements; no N_gaussians × N_voxels tensor is ever formed. The backward pass
-recomputes each chunk instead of storing intermediates.
+Backends (``backend=``, resolved by :func:`ctrecon.operators._backend.select`):
+
+* ``"reference"``: the pure-PyTorch reference below, the oracle of the tests. Memory is bounded by
+  processing (Gaussian, voxel) pairs in chunks of ``chunk_size`` elements; no N_gaussians × N_voxels
+  tensor is ever formed. The backward pass recomputes each chunk instead of storing intermediates.
+* ``"cpu"``: the compiled C++/OpenMP kernel of :func:`voxelize` (``csrc/voxelize_cpu.cpp``, float32 and
+  float64), which needs the Gaussians of each item sorted by box start (done here, differentiably).
+  :func:`render_points` has none.
+* ``"cuda"``: the tile-based CUDA kernels (``cuda/voxelize.cu``, float32) of both functions, gsplat-style:
+  sites (voxels, or the reference's point cells ``_PointPairs``) lie on an integer lattice cut into
+  tiles (:data:`DENSE_TILE` voxels, :data:`POINT_TILE` cells) and each Gaussian has the reference's
+  integer box on it; ``tile_counts`` (a thread per Gaussian) → cumulative sum → ``tile_pairs`` (a thread
+  per (Gaussian, tile) pair) → stable ``torch.sort`` by tile key gives each tile's Gaussian list
+  (:class:`_TileLists`); one block per tile renders its sites from the list. The backward returns
+  per-Gaussian moments Σ w·(1, d, d dᵀ), turned here into gradients for μ, the precision entries and I
+  (:func:`gradients_from_moments`); autograd finishes the chain through covariance and quaternion.
+* ``"auto"``: CUDA for CUDA float32 tensors, the CPU kernel for CPU tensors of :func:`voxelize`, the
+  reference for the rest, where a build fails and with ``CTRECON_FORCE_REFERENCE=1``.
+
+The compiled kernels evaluate q with the same code (``cuda/voxelize.cuh``) and are built on first use.
 """
 from __future__ import annotations
 
@@ -36,19 +56,28 @@ import math
 
 import torch
 
-from ctrecon.operators import _cuda
 from ctrecon.core.errors import InputError
 from ctrecon.core.geometry import VolumeGeometry
-from ctrecon.operators import _voxelize_cpu as _cpu
+from ctrecon.operators import _backend
 
 __all__ = ["voxelize", "voxelize_batch", "render_points", "quaternion_to_rotation", "covariance_matrices",
-           "precision_entries", "bounding_half_widths", "DEFAULT_K_SIGMA"]
+           "precision_entries", "bounding_half_widths", "gradients_from_moments", "cpu_voxelizer",
+           "DEFAULT_K_SIGMA"]
 
 DEFAULT_K_SIGMA = 3.0
 #: (Gaussian, point) pairs evaluated per chunk by the reference; bounds its memory (~100 bytes each).
 CHUNK_SIZE = 1 << 20
 #: Widening of the integer voxel box (in voxels) against rounding; the q ≤ k² test decides.
 BOX_SLACK = 1e-3
+#: Voxels per dense tile of the CUDA kernels (x, y, z): one per thread of a 256-thread block
+#: (cuda/voxelize.cuh kVoxelizeBlock).
+DENSE_TILE = (8, 8, 4)
+#: Reference cells per point tile of the CUDA kernels (x, y, z): about 8 points per cell, so about 256 per tile.
+POINT_TILE = (4, 4, 2)
+_MAX_KEYS = 2 ** 31 - 1  # tile keys are int32
+
+#: The compiled CPU kernel of :func:`voxelize` (csrc/voxelize_cpu.cpp, which includes cuda/voxelize.cuh).
+cpu_voxelizer = _backend.cpu_extension("cpu_voxelizer", "voxelize_cpu.cpp", ["common.cuh", "voxelize.cuh"])
 
 
 # --------------------------------------------------------------------------- covariance algebra
@@ -144,6 +173,15 @@ def _expand(counts: torch.Tensor, ends: torch.Tensor, start: int, stop: int):
     return owner, local
 
 
+def _box_cell(lo, dims, g, local):
+    """Cell (x, y, z) number ``local`` (x fastest) of box ``g``, boxes given by their first cell ``lo`` and
+    sizes ``dims`` ``[G, 3]``."""
+    nx, ny = dims[g, 0], dims[g, 1]
+    x = lo[g, 0] + local % nx
+    rest = local // nx
+    return x, lo[g, 1] + rest % ny, lo[g, 2] + rest // ny
+
+
 def _chunks(total: int, chunk_size: int):
     for start in range(0, total, chunk_size):
         yield start, min(total, start + chunk_size)
@@ -172,11 +210,7 @@ class _GridPairs:
         xs, ys, zs = self.tables
         for start, stop in _chunks(self.total, self.chunk_size):
             g, local = _expand(self.counts, self.ends, start, stop)
-            nx, ny = self.dims[g, 0], self.dims[g, 1]
-            i = self.lo[g, 0] + local % nx
-            rest = local // nx
-            j = self.lo[g, 1] + rest % ny
-            k = self.lo[g, 2] + rest // ny
+            i, j, k = _box_cell(self.lo, self.dims, g, local)
             flat = self.item_offset[g] + (k * Y + j) * X + i
             d = torch.stack([xs[i], ys[j], zs[k]], dim=-1) - self.means[g]
             yield g, flat, d
@@ -241,11 +275,7 @@ class _PointPairs:
         flat_points = self.points.reshape(-1, 3)
         for start, stop in _chunks(self.total, self.chunk_size):
             g, local = _expand(self.box_counts, self.box_ends, start, stop)
-            cx_n, cy_n = self.box_dims[g, 0], self.box_dims[g, 1]
-            cx = self.box_lo[g, 0] + local % cx_n
-            rest = local // cx_n
-            cy = self.box_lo[g, 1] + rest % cy_n
-            cz = self.box_lo[g, 2] + rest // cy_n
+            cx, cy, cz = _box_cell(self.box_lo, self.box_dims, g, local)
             key = self.item_key[g] + (cz * ncell[1] + cy) * ncell[0] + cx
             n_in_cell = self.cell_counts[key]
             keep = n_in_cell > 0
@@ -312,6 +342,175 @@ class _ReferenceSum(torch.autograd.Function):
         return grad_mu, grad_prec, grad_i, None, None, None
 
 
+# --------------------------------------------------------------------------- compiled CPU kernel
+def _cpu_grid(volume: VolumeGeometry, dtype):
+    xs, ys, zs = (t.contiguous() for t in _axis_tables(volume, dtype, torch.device("cpu")))
+    return xs, ys, zs, float(volume.axis_centres(2)[0]), float(volume.dVoxel[2])
+
+
+class _CpuVoxelize(torch.autograd.Function):
+    """Flat ``[B·Z·Y·X]`` render with the CPU extension (inputs sorted by box start, see :func:`_cpu_voxelize`)."""
+
+    @staticmethod
+    def forward(ctx, module, means, prec, intensities, lo, hi, volume, batch, k2):
+        xs, ys, zs, x0, dx = _cpu_grid(volume, means.dtype)
+        tensors = [t.contiguous() for t in (means, prec, intensities)]
+        lo, hi = lo.contiguous(), hi.contiguous()
+        ctx.save_for_backward(*tensors, lo, hi, xs, ys, zs)
+        ctx.module, ctx.args = module, (batch, x0, dx, k2)
+        return module.forward(*tensors, lo, hi, xs, ys, zs, batch, x0, dx, k2).reshape(-1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        means, prec, intensities, lo, hi, xs, ys, zs = ctx.saved_tensors
+        grad_means, grad_prec, grad_i = ctx.module.backward(grad_out.contiguous(), means, prec, intensities, lo, hi,
+                                                            xs, ys, zs, *ctx.args)
+        needs = ctx.needs_input_grad
+        return (None, grad_means if needs[1] else None, grad_prec if needs[2] else None,
+                grad_i if needs[3] else None, None, None, None, None, None)
+
+
+def _cpu_voxelize(module, means, prec, intensities, lo, hi, volume: VolumeGeometry, batch: int,
+                  k2: float) -> torch.Tensor:
+    """Flat ``[B·Z·Y·X]`` render with the CPU extension ``module`` (inputs as prepared by :func:`voxelize`).
+
+    The kernel needs the Gaussians of each item sorted by box start (z, y, x); the permutation is
+    applied here with differentiable indexing, so gradients come back in the caller's order.
+    """
+    Z, Y, X = volume.nVoxel
+    n_per_item = max(means.shape[0] // max(batch, 1), 1)
+    item = torch.arange(means.shape[0]) // n_per_item
+    start = torch.minimum(lo, torch.tensor([X, Y, Z]))  # empty boxes may start beyond the grid
+    key = ((item * (Z + 1) + start[:, 2]) * (Y + 1) + start[:, 1]) * (X + 1) + start[:, 0]
+    order = torch.argsort(key, stable=True)
+    return _CpuVoxelize.apply(module, means[order], prec[order], intensities[order], lo[order], hi[order], volume,
+                              int(batch), float(k2))
+
+
+# --------------------------------------------------------------------------- CUDA kernels
+def gradients_from_moments(moments, prec, intensities):
+    """Gradients for means ``[G, 3]``, precision entries ``[G, 6]`` and intensities ``[G]`` from the moments
+    ``[G, 10]`` = Σ w·(1, dx, dy, dz, dx², dxdy, dxdz, dy², dydz, dz²), w = upstream gradient · exp(-q/2):
+
+        ∂/∂I = Σ w,   ∂/∂μ = I·P·Σ w d,   ∂/∂(Pxx, Pxy, Pxz, Pyy, Pyz, Pzz) = -I/2·Σ w (dx², 2dxdy, 2dxdz, dy², 2dydz, dz²).
+    """
+    m = moments.unbind(-1)
+    pxx, pxy, pxz, pyy, pyz, pzz = prec.unbind(-1)
+    intensity = intensities.unsqueeze(-1)
+    grad_means = intensity * torch.stack([pxx * m[1] + pxy * m[2] + pxz * m[3],
+                                          pxy * m[1] + pyy * m[2] + pyz * m[3],
+                                          pxz * m[1] + pyz * m[2] + pzz * m[3]], dim=-1)
+    grad_prec = (-0.5 * intensity) * torch.stack([m[4], 2 * m[5], 2 * m[6], m[7], 2 * m[8], m[9]], dim=-1)
+    return grad_means, grad_prec, m[0]
+
+
+def _tiles_per_item(lattice) -> int:
+    count = 1
+    for cells, tile in zip(lattice[:3], lattice[3:6]):
+        count *= -(-cells // tile)
+    return count
+
+
+class _TileLists:
+    """Every tile's Gaussians: ``ids`` (int32, grouped by tile key, increasing within a tile) and
+    ``ends`` (int64 [keys], inclusive prefix sums), from the Gaussians' boxes ``lo``, ``hi`` (int32 [G, 3])
+    on ``lattice`` = (cells x, y, z, tile x, y, z, Gaussians per item)."""
+
+    def __init__(self, kernels, lo, hi, lattice, n_keys: int):
+        if n_keys > _MAX_KEYS:
+            raise RuntimeError(f"too many tiles for the CUDA voxelizer ({n_keys} ≥ 2^31)")
+        counts = torch.empty(lo.shape[0], dtype=torch.int64, device=lo.device)
+        kernels.tile_counts(lo, hi, lattice, counts)
+        ends = torch.cumsum(counts, 0)
+        n_pairs = int(ends[-1]) if ends.numel() else 0
+        keys = torch.empty(n_pairs, dtype=torch.int32, device=lo.device)
+        ids = torch.empty(n_pairs, dtype=torch.int32, device=lo.device)
+        kernels.tile_pairs(lo, hi, ends, lattice, keys, ids)
+        order = torch.sort(keys, stable=True).indices
+        self.ids = ids[order].contiguous()
+        self.ends = torch.cumsum(torch.bincount(keys, minlength=n_keys), 0)
+
+
+class _TilePlan:
+    """One CUDA render: Gaussians ``[B·N]`` with their boxes ``lo``, ``hi`` on ``lattice``, their tile lists,
+    and the sites (arguments ``sites`` of the kernels ``_forward`` / ``_backward``) into an output of ``shape``;
+    the subclasses set them."""
+
+    def _arguments(self, means, prec, intensities):
+        return (means, prec, intensities, self.lo, self.hi, self.lists.ids, self.lists.ends, self.lattice,
+                *self.sites)
+
+    def render(self, means, prec, intensities, k2):
+        out = means.new_empty(self.shape)
+        self._forward(*self._arguments(means, prec, intensities), k2, out)
+        return out
+
+    def moments(self, grad, means, prec, intensities, k2):
+        moments = means.new_empty((means.shape[0], 10))
+        self._backward(*self._arguments(means, prec, intensities), k2, grad, moments)
+        return moments
+
+
+class _DensePlan(_TilePlan):
+    """A dense render: Gaussians ``[B·N]`` into ``[B, Z, Y, X]``; the lattice is the voxel grid."""
+
+    def __init__(self, kernels, lo, hi, volume, batch: int, n_per_item: int, device):
+        Z, Y, X = volume.nVoxel
+        self._forward, self._backward = kernels.dense_forward, kernels.dense_backward
+        self.shape = (batch, Z, Y, X)
+        self.lattice = [X, Y, Z, *DENSE_TILE, max(n_per_item, 1)]
+        # Boxes beyond the grid are empty (hi <= n - 1 < lo); clamping keeps them within int32.
+        self.lo = torch.minimum(lo, torch.tensor([X, Y, Z], device=lo.device)).to(torch.int32).contiguous()
+        self.hi = hi.to(torch.int32).contiguous()
+        self.sites = tuple(t.contiguous() for t in _axis_tables(volume, torch.float32, device))
+        self.lists = _TileLists(kernels, self.lo, self.hi, self.lattice, batch * _tiles_per_item(self.lattice))
+
+
+class _PointPlan(_TilePlan):
+    """A point render: Gaussians ``[B·N]`` at points ``[B, M, 3]`` → ``[B, M]``.
+
+    The lattice is the reference's grid of point cells (:class:`_PointPairs`: each point's cell, each
+    Gaussian's cell box), so the evaluated (Gaussian, point) pairs are exactly the reference's.
+    """
+
+    def __init__(self, kernels, means, half_widths, points, n_per_item: int):
+        cells = _PointPairs(means, half_widths, points, max(n_per_item, 1), CHUNK_SIZE)
+        batch, n_points = points.shape[:2]
+        self._forward, self._backward = kernels.points_forward, kernels.points_backward
+        self.shape = (batch, n_points)
+        self.lattice = [*(int(n) for n in cells.ncell), *POINT_TILE, max(n_per_item, 1)]
+        self.lo = cells.box_lo.to(torch.int32).contiguous()
+        self.hi = (cells.box_lo + cells.box_dims - 1).to(torch.int32).contiguous()
+        n_keys = batch * _tiles_per_item(self.lattice)
+        self.lists = _TileLists(kernels, self.lo, self.hi, self.lattice, n_keys)
+        flat_points = points.reshape(-1, 3).contiguous()
+        point_cells = cells.cell_of.to(torch.int32).contiguous()
+        keys = torch.empty(flat_points.shape[0], dtype=torch.int32, device=points.device)
+        kernels.point_tile_keys(point_cells, n_points, self.lattice, keys)
+        order = torch.sort(keys, stable=True).indices.contiguous()
+        self.sites = (flat_points, point_cells, order, torch.cumsum(torch.bincount(keys, minlength=n_keys), 0))
+
+
+class _CudaRender(torch.autograd.Function):
+    """plan.render(means, prec, intensities); the backward goes through the plan's moments."""
+
+    @staticmethod
+    def forward(ctx, means, prec, intensities, plan, k2):
+        means, prec, intensities = (t.contiguous() for t in (means, prec, intensities))
+        ctx.plan, ctx.k2 = plan, k2
+        ctx.save_for_backward(means, prec, intensities)
+        return plan.render(means, prec, intensities, k2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        means, prec, intensities = ctx.saved_tensors
+        moments = ctx.plan.moments(grad.contiguous(), means, prec, intensities, ctx.k2)
+        grad_means, grad_prec, grad_intensities = gradients_from_moments(moments, prec, intensities)
+        needs = ctx.needs_input_grad
+        return (grad_means if needs[0] else None, grad_prec if needs[1] else None,
+                grad_intensities if needs[2] else None, None, None)
+
+
 # --------------------------------------------------------------------------- public API
 def voxelize(means: torch.Tensor, scales: torch.Tensor, quats: torch.Tensor, intensities: torch.Tensor,
              volume: VolumeGeometry, k_sigma: float = DEFAULT_K_SIGMA, *, chunk_size: int = CHUNK_SIZE,
@@ -321,13 +520,13 @@ def voxelize(means: torch.Tensor, scales: torch.Tensor, quats: torch.Tensor, int
     means ``[N, 3]`` or ``[B, N, 3]`` (x, y, z, same length unit as ``volume``), scales (σ) alike,
     quats ``[(B,) N, 4]`` (w, x, y, z; normalised here), intensities ``[(B,) N]`` (activated).
     Returns ``[Z, Y, X]`` or ``[B, Z, Y, X]`` in the inputs' dtype, differentiable with respect to all
-    four. ``backend``: "auto" (compiled CPU kernel for CPU tensors when available, else the reference),
-    "reference" or "cpu" (the compiled kernel; an error if it cannot be built).
+    four. ``backend``: "auto", "reference", "cpu" or "cuda" (see the module docstring).
     """
     (means, scales, quats, intensities), batched = _batched_parameters(means, scales, quats, intensities)
     if not isinstance(volume, VolumeGeometry):
         raise InputError(f"volume must be a VolumeGeometry, got {type(volume).__name__}")
     k = _check_k_sigma(k_sigma)
+    kernels = _backend.select(backend, means.device, means.dtype, operator="voxelizer", cpu=cpu_voxelizer)
     B, N = means.shape[:2]
     Z, Y, X = volume.nVoxel
     prec = precision_entries(scales, quats).reshape(B * N, 6)
@@ -335,11 +534,11 @@ def voxelize(means: torch.Tensor, scales: torch.Tensor, quats: torch.Tensor, int
     flat_means = means.reshape(B * N, 3)
     lo, hi = _voxel_boxes(flat_means, half, volume)
     flat_i = intensities.reshape(B * N)
-    kernels = _cuda.kernels_for(means.device, means.dtype) if backend == "auto" else None
-    if kernels is not None:
-        out = _cuda.voxelize(kernels, flat_means, prec, flat_i, lo, hi, volume, B, k * k)
-    elif _cpu.use_compiled(backend, means):
-        out = _cpu.voxelize(flat_means, prec, flat_i, lo, hi, volume, B, k * k)
+    if kernels.backend == "cuda":
+        plan = _DensePlan(kernels.module, lo, hi, volume, B, N, means.device)
+        out = _CudaRender.apply(flat_means, prec, flat_i, plan, k * k)
+    elif kernels.backend == "cpu":
+        out = _cpu_voxelize(kernels.module, flat_means, prec, flat_i, lo, hi, volume, B, k * k)
     else:
         pairs = _GridPairs(flat_means, lo, hi, volume, max(N, 1), int(chunk_size))
         out = _ReferenceSum.apply(flat_means, prec, flat_i, pairs, B * Z * Y * X, k * k)
@@ -357,14 +556,16 @@ def voxelize_batch(means: torch.Tensor, scales: torch.Tensor, quats: torch.Tenso
 
 def render_points(means: torch.Tensor, scales: torch.Tensor, quats: torch.Tensor, intensities: torch.Tensor,
                   points: torch.Tensor, k_sigma: float = DEFAULT_K_SIGMA, *,
-                  chunk_size: int = CHUNK_SIZE) -> torch.Tensor:
+                  chunk_size: int = CHUNK_SIZE, backend: str = "auto") -> torch.Tensor:
     """Field values at arbitrary points: ``[M, 3]`` → ``[M]`` or, batched, ``[B, M, 3]`` → ``[B, M]``.
 
     Parameters as in :func:`voxelize`; same semantics (e.g. the masked voxel centres of a crop). The
-    points are data: no gradient flows to them. CUDA kernels for CUDA float32 tensors, else PyTorch.
+    points are data: no gradient flows to them. ``backend``: "auto" (the CUDA kernels for CUDA float32
+    tensors, else the reference), "reference" or "cuda"; there is no compiled CPU kernel ("cpu" is an error).
     """
     (means, scales, quats, intensities), batched = _batched_parameters(means, scales, quats, intensities)
     k = _check_k_sigma(k_sigma)
+    kernels = _backend.select(backend, means.device, means.dtype, operator="point renderer")
     want = 3 if batched else 2
     if points.dim() != want or points.shape[-1] != 3 or (batched and points.shape[0] != means.shape[0]):
         lead = f"[{means.shape[0]}, M, 3]" if batched else "[M, 3]"
@@ -378,9 +579,9 @@ def render_points(means: torch.Tensor, scales: torch.Tensor, quats: torch.Tensor
     prec = precision_entries(scales, quats).reshape(B * N, 6)
     half = bounding_half_widths(scales.detach(), quats.detach(), k).reshape(B * N, 3)
     flat_means = means.reshape(B * N, 3)
-    kernels = _cuda.kernels_for(means.device, means.dtype)
-    if kernels is not None:
-        out = _cuda.render_points(kernels, flat_means, prec, intensities.reshape(B * N), half, points, N, k * k)
+    if kernels.backend == "cuda":
+        plan = _PointPlan(kernels.module, flat_means, half, points, N)
+        out = _CudaRender.apply(flat_means, prec, intensities.reshape(B * N), plan, k * k)
     else:
         pairs = _PointPairs(flat_means, half, points, N, int(chunk_size))
         out = _ReferenceSum.apply(flat_means, prec, intensities.reshape(B * N), pairs, B * M, k * k)

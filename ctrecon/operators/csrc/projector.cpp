@@ -1,16 +1,18 @@
-// Compiled CPU path of ctrecon/projector.py: Joseph's cone-beam projector and its exact transpose.
+// Compiled CPU path of ctrecon/operators/projector.py: Joseph's cone-beam projector and its exact transpose.
 //
-// The discrete operator is the one documented in ctrecon/projector.py and implemented there in
+// The discrete operator is the one documented in ctrecon/operators/projector.py and implemented there in
 // PyTorch (the reference); this file computes the same sums faster. Per view the caller passes 12
 // doubles in voxel-index coordinates (x, y, z): the source S, the centre D0 of pixel (0, 0), and the
 // steps Du, Dv from one pixel column / row to the next. Pixel (r, c) is D0 + c·Du + r·Dv.
 //
 // Implementation notes:
+//  * Each ray is set up once, in double precision, by the same code as the CUDA kernels: trace_ray of
+//    cuda/projector.cuh (dominant axis, slopes, the slices whose samples can be nonzero), included here
+//    as host code (the extension is built with the kernel source folder on its include path).
 //  * The volume is read from (and the adjoint accumulates into) a zero-padded copy, one voxel wider on
-//    every side, so that the bilinear interpolation needs no bounds tests.
-//  * Each ray is set up once in double precision (dominant axis, slopes, the slices whose samples can
-//    be nonzero). Float32 volumes on x86-64 CPUs with AVX2 process 8 slices at a time (coordinates in
-//    double, interpolation in float, gathers); other cases run the scalar loop in double.
+//    every side, so that the bilinear interpolation needs no bounds tests (rays are traced in its
+//    coordinates: origin 1). Float32 volumes on x86-64 CPUs with AVX2 process 8 slices at a time
+//    (coordinates in double, interpolation in float, gathers); other cases run the scalar loop in double.
 //  * Forward: threads share out the (view, detector row) pairs; every ray writes its own pixel.
 //  * Adjoint: the volume is cut into slabs of z rows; a slab is owned by one thread at a time, which
 //    visits every ray sample touching its rows and writes only those rows. No two threads write the
@@ -28,6 +30,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "projector.cuh"
+
 #if defined(__GNUC__) && defined(__x86_64__)
 #define CTRECON_AVX2 1
 #include <immintrin.h>
@@ -35,78 +39,32 @@
 
 namespace {
 
-constexpr int64_t kViewFields = 12;
+using ctrecon::clip_slices;
+using ctrecon::kViewFields;
 
-// Voxel counts and sizes along x, y, z, and the strides of the padded [Z+2][Y+2][X+2] layout.
+// The volume's grid and the strides of its padded [Z+2][Y+2][X+2] layout.
 struct Grid {
-  int64_t n[3];
-  double spacing[3];
+  ctrecon::ProjectorGrid shape;  // voxel counts and sizes along x, y, z
   int64_t stride[3];
   int64_t padded_size;
 
   Grid(int64_t nz, int64_t ny, int64_t nx, const std::vector<double>& spacing_xyz)
-      : n{nx, ny, nz}, spacing{spacing_xyz[0], spacing_xyz[1], spacing_xyz[2]},
+      : shape{{nx, ny, nz}, {spacing_xyz[0], spacing_xyz[1], spacing_xyz[2]}},
         stride{1, nx + 2, (nx + 2) * (ny + 2)}, padded_size((nx + 2) * (ny + 2) * (nz + 2)) {}
 };
 
-// A ray ready for stepping along its dominant axis m. At slice s the in-plane coordinates, shifted
-// by +1 into the padded grid, are P = p0 + s·dp and Q = q0 + s·dq; slices [begin, end) can be nonzero.
-struct Ray {
-  int m, p, q;
-  double p0, dp, q0, dq;
-  double length;  // mm travelled between consecutive slices
-  int64_t begin, end;
+// A ray traced in the padded grid's coordinates (P = p0 + s·dp, Q = q0 + s·dq at slice s) with the
+// padded strides of its axes m, p, q.
+struct PaddedRay : ctrecon::RayPath {
   int64_t stride_m, stride_p, stride_q;
-  int64_t np, nq;  // voxel counts along p and q
 };
 
-// Narrow [begin, end) to the slices s with lo < c0 + s·dc < hi.
-inline void clip_slices(double c0, double dc, double lo, double hi, int64_t& begin, int64_t& end) {
-  if (dc == 0.0) {
-    if (!(c0 > lo && c0 < hi)) end = begin;
-    return;
-  }
-  double a = (lo - c0) / dc, b = (hi - c0) / dc;
-  if (a > b) std::swap(a, b);
-  const double limit = static_cast<double>(end) + 1.0;
-  a = std::min(std::max(a, -2.0), limit);
-  b = std::min(std::max(b, -2.0), limit);
-  begin = std::max(begin, static_cast<int64_t>(std::floor(a)) + 1);
-  end = std::min(end, static_cast<int64_t>(std::ceil(b)));
-}
-
-inline bool setup_ray(const double* view, int64_t row, int64_t col, const Grid& g, Ray& ray) {
-  const double* S = view;
-  const double* D0 = view + 3;
-  const double* Du = view + 6;
-  const double* Dv = view + 9;
-  const double c = static_cast<double>(col), r = static_cast<double>(row);
-  double d[3];
-  for (int k = 0; k < 3; ++k) d[k] = D0[k] + c * Du[k] + r * Dv[k] - S[k];
-  const double ax = std::fabs(d[0]), ay = std::fabs(d[1]), az = std::fabs(d[2]);
-  const int m = (ax >= ay && ax >= az) ? 0 : (ay >= az ? 1 : 2);
-  const int p = (m == 0) ? 1 : 0;
-  const int q = (m == 2) ? 1 : 2;
-  const double slope_p = d[p] / d[m], slope_q = d[q] / d[m];
-  ray.m = m;
-  ray.p = p;
-  ray.q = q;
-  ray.dp = slope_p;
-  ray.dq = slope_q;
-  ray.p0 = S[p] - S[m] * slope_p + 1.0;
-  ray.q0 = S[q] - S[m] * slope_q + 1.0;
-  const double wx = d[0] * g.spacing[0], wy = d[1] * g.spacing[1], wz = d[2] * g.spacing[2];
-  ray.length = std::sqrt(wx * wx + wy * wy + wz * wz) / std::fabs(d[m]);
-  ray.np = g.n[p];
-  ray.nq = g.n[q];
-  ray.begin = 0;
-  ray.end = g.n[m];
-  clip_slices(ray.p0, ray.dp, 0.0, static_cast<double>(ray.np + 1), ray.begin, ray.end);
-  clip_slices(ray.q0, ray.dq, 0.0, static_cast<double>(ray.nq + 1), ray.begin, ray.end);
-  ray.stride_m = g.stride[m];
-  ray.stride_p = g.stride[p];
-  ray.stride_q = g.stride[q];
-  return ray.begin < ray.end;
+inline bool setup_ray(const double* view, int64_t row, int64_t col, const Grid& g, PaddedRay& ray) {
+  const bool hits = ctrecon::trace_ray(view, row, col, g.shape, 1.0, ray);
+  ray.stride_m = g.stride[ray.m];
+  ray.stride_p = g.stride[ray.p];
+  ray.stride_q = g.stride[ray.q];
+  return hits;
 }
 
 // Bilinear footprint of slice s: offset of the lower corner in the padded layout, its padded index
@@ -117,7 +75,7 @@ struct Footprint {
   double fp, fq;
 };
 
-inline Footprint footprint(const Ray& ray, int64_t s) {
+inline Footprint footprint(const PaddedRay& ray, int64_t s) {
   const double P = ray.p0 + static_cast<double>(s) * ray.dp;
   const double Q = ray.q0 + static_cast<double>(s) * ray.dq;
   // Truncation is floor for P, Q >= 0; min() keeps rounding at the far edge inside the padding.
@@ -129,7 +87,7 @@ inline Footprint footprint(const Ray& ray, int64_t s) {
 
 // Σ over slices [begin, end) of the bilinear samples (without the length factor).
 template <typename scalar_t>
-double ray_sum(const scalar_t* data, const Ray& ray, int64_t begin, int64_t end) {
+double ray_sum(const scalar_t* data, const PaddedRay& ray, int64_t begin, int64_t end) {
   const int64_t sp = ray.stride_p, sq = ray.stride_q;
   double sum = 0.0;
   for (int64_t s = begin; s < end; ++s) {
@@ -145,7 +103,7 @@ double ray_sum(const scalar_t* data, const Ray& ray, int64_t begin, int64_t end)
 // Add weighted·(bilinear weights) of slices [begin, end) to the four corners, writing only the
 // corners whose padded q index lies in [row_lo, row_hi].
 template <typename scalar_t>
-void ray_scatter(scalar_t* data, const Ray& ray, int64_t begin, int64_t end, double weighted, int64_t row_lo,
+void ray_scatter(scalar_t* data, const PaddedRay& ray, int64_t begin, int64_t end, double weighted, int64_t row_lo,
                  int64_t row_hi) {
   const int64_t sp = ray.stride_p, sq = ray.stride_q;
   for (int64_t s = begin; s < end; ++s) {
@@ -180,7 +138,7 @@ struct RayAvx2 {
   __m256d p0, dp, q0, dq;
   __m256i np, nq, stride_m, stride_p, stride_q;
 
-  __attribute__((target("avx2,fma"))) explicit RayAvx2(const Ray& ray)
+  __attribute__((target("avx2,fma"))) explicit RayAvx2(const PaddedRay& ray)
       : p0(_mm256_set1_pd(ray.p0)), dp(_mm256_set1_pd(ray.dp)), q0(_mm256_set1_pd(ray.q0)),
         dq(_mm256_set1_pd(ray.dq)), np(_mm256_set1_epi32(static_cast<int>(ray.np))),
         nq(_mm256_set1_epi32(static_cast<int>(ray.nq))), stride_m(_mm256_set1_epi32(static_cast<int>(ray.stride_m))),
@@ -211,7 +169,7 @@ struct RayAvx2 {
   }
 };
 
-__attribute__((target("avx2,fma"))) double ray_sum_avx2(const float* data, const Ray& ray) {
+__attribute__((target("avx2,fma"))) double ray_sum_avx2(const float* data, const PaddedRay& ray) {
   const RayAvx2 simd(ray);
   const float* corner[4] = {data, data + ray.stride_p, data + ray.stride_q, data + ray.stride_p + ray.stride_q};
   __m256 acc = _mm256_setzero_ps();
@@ -234,7 +192,7 @@ __attribute__((target("avx2,fma"))) double ray_sum_avx2(const float* data, const
   return sum + ray_sum(data, ray, s, ray.end);
 }
 
-__attribute__((target("avx2,fma"))) void ray_scatter_avx2(float* data, const Ray& ray, int64_t begin, int64_t end,
+__attribute__((target("avx2,fma"))) void ray_scatter_avx2(float* data, const PaddedRay& ray, int64_t begin, int64_t end,
                                                         double weighted, int64_t row_lo, int64_t row_hi) {
   const RayAvx2 simd(ray);
   const int64_t sp = ray.stride_p, sq = ray.stride_q;
@@ -285,7 +243,7 @@ bool use_avx2(const Grid& g) {
 }
 
 template <typename scalar_t>
-double ray_integral(const scalar_t* data, const Ray& ray, bool avx2) {
+double ray_integral(const scalar_t* data, const PaddedRay& ray, bool avx2) {
 #ifdef CTRECON_AVX2
   if (avx2) return ray_sum_avx2(reinterpret_cast<const float*>(data), ray) * ray.length;
 #endif
@@ -293,7 +251,7 @@ double ray_integral(const scalar_t* data, const Ray& ray, bool avx2) {
 }
 
 template <typename scalar_t>
-void ray_spread(scalar_t* data, const Ray& ray, int64_t begin, int64_t end, double weighted, int64_t row_lo,
+void ray_spread(scalar_t* data, const PaddedRay& ray, int64_t begin, int64_t end, double weighted, int64_t row_lo,
                 int64_t row_hi, bool avx2) {
 #ifdef CTRECON_AVX2
   if (avx2) return ray_scatter_avx2(reinterpret_cast<float*>(data), ray, begin, end, weighted, row_lo, row_hi);
@@ -314,8 +272,8 @@ void parallel_items(int64_t n, const F& body) {
 template <typename scalar_t>
 std::vector<scalar_t> pad(const scalar_t* volume, const Grid& g) {
   std::vector<scalar_t> padded(g.padded_size, scalar_t(0));
-  const int64_t nx = g.n[0], ny = g.n[1];
-  at::parallel_for(0, g.n[2], 1, [&](int64_t k0, int64_t k1) {
+  const int64_t nx = g.shape.n[0], ny = g.shape.n[1];
+  at::parallel_for(0, g.shape.n[2], 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       for (int64_t j = 0; j < ny; ++j) {
         const scalar_t* src = volume + (k * ny + j) * nx;
@@ -335,7 +293,7 @@ void forward_impl(const scalar_t* volume, const Grid& g, const double* views, in
     const double* view = views + (item / n_rows) * kViewFields;
     const int64_t r = item % n_rows;
     scalar_t* pixel = out + item * n_cols;
-    Ray ray;
+    PaddedRay ray;
     for (int64_t c = 0; c < n_cols; ++c) {
       pixel[c] = setup_ray(view, r, c, g, ray) ? static_cast<scalar_t>(ray_integral(padded.data(), ray, avx2))
                                                : scalar_t(0);
@@ -358,7 +316,7 @@ inline void depth_range(const double* view, const Grid& g, double& t_min, double
   for (int corner = 0; corner < 8; ++corner) {
     double t = 0.0;
     for (int k = 0; k < 3; ++k) {
-      const double x = (corner >> k & 1) ? static_cast<double>(g.n[k]) : -1.0;
+      const double x = (corner >> k & 1) ? static_cast<double>(g.shape.n[k]) : -1.0;
       t += (x - S[k]) * normal[k];
     }
     t /= depth;
@@ -372,7 +330,7 @@ template <typename scalar_t>
 void adjoint_slab(const scalar_t* proj, const Grid& g, const double* views, int64_t n_views, int64_t n_rows,
                   int64_t n_cols, int64_t k_begin, int64_t k_end, bool avx2, scalar_t* data) {
   const int64_t own_lo = k_begin + 1, own_hi = k_end;  // padded z rows owned, inclusive
-  Ray ray;
+  PaddedRay ray;
   for (int64_t a = 0; a < n_views; ++a) {
     const double* view = views + a * kViewFields;
     double t_min, t_max;
@@ -417,12 +375,12 @@ void adjoint_impl(const scalar_t* proj, const Grid& g, const double* views, int6
                   int64_t n_cols, int64_t slab_rows, scalar_t* out) {
   std::vector<scalar_t> padded(g.padded_size, scalar_t(0));
   const bool avx2 = use_avx2<scalar_t>(g);
-  const int64_t nz = g.n[2];
+  const int64_t nz = g.shape.n[2];
   parallel_items((nz + slab_rows - 1) / slab_rows, [&](int64_t slab) {
     const int64_t k_begin = slab * slab_rows, k_end = std::min(nz, k_begin + slab_rows);
     adjoint_slab(proj, g, views, n_views, n_rows, n_cols, k_begin, k_end, avx2, padded.data());
   });
-  const int64_t nx = g.n[0], ny = g.n[1];
+  const int64_t nx = g.shape.n[0], ny = g.shape.n[1];
   at::parallel_for(0, nz, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       for (int64_t j = 0; j < ny; ++j) {

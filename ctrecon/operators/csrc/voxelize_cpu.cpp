@@ -1,8 +1,10 @@
 // Gaussian voxelizer, CPU (OpenMP): the compiled twin of the PyTorch reference in
-// ctrecon/gaussians/render.py, whose docstring defines the semantics (q order, q <= k^2 inclusive,
-// voxel centres from float64 tables rounded to the working dtype, boxes computed by the caller).
+// ctrecon/operators/voxelize.py, whose docstring defines the semantics (q order, q <= k^2 inclusive,
+// voxel centres from float64 tables rounded to the working dtype, boxes computed by the caller). q is
+// evaluated by the same code as the CUDA kernels (row_linear_term, row_constant_term, row_mahalanobis of
+// cuda/voxelize.cuh, included here as host code).
 //
-// Inputs must be sorted by box start (lo_z, lo_y, lo_x) within each batch item (ctrecon/gaussians/_cpu.py
+// Inputs must be sorted by box start (lo_z, lo_y, lo_x) within each batch item (ctrecon/operators/voxelize.py
 // does it): the forward finds each slice's Gaussians by binary search, and neighbouring Gaussians touch
 // neighbouring memory (the backward is bound by cache misses on the upstream gradient otherwise).
 // forward : out[b, z, y, x] = sum_g I_g exp(-q/2) [q <= k2], parallel over (b, z) slices, each slice
@@ -16,6 +18,8 @@
 #include <cmath>
 #include <cstdint>
 #include <vector>
+
+#include "voxelize.cuh"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -38,25 +42,31 @@ inline int64_t ceil_index(double f) {
   return t + (static_cast<double>(t) < f);
 }
 
-// Inclusive column range [i0, i1] of row (y, z) that may hold q <= k2, or i0 > i1 if none.
+// Row (y, z) of a Gaussian: the terms of q that are fixed along the row (q = row_mahalanobis(Pxx, dx, linear,
+// constant)) and the inclusive column range [i0, i1] that may hold q <= k2 (i0 > i1 if none).
 template <typename scalar_t>
-inline void row_interval(scalar_t pxx, scalar_t b, scalar_t c, double k2, double mx, const Grid& g,
-                         int64_t lo, int64_t hi, int64_t& i0, int64_t& i1) {
-  const double a = static_cast<double>(pxx), bb = static_cast<double>(b), cc = static_cast<double>(c);
+struct Row {
+  scalar_t linear, constant;
+  int64_t i0, i1;
+};
+
+template <typename scalar_t>
+inline Row<scalar_t> row_of(const scalar_t* p, scalar_t dy, scalar_t dz, double k2, double mx, const Grid& g,
+                            int64_t lo, int64_t hi) {
+  Row<scalar_t> row{ctrecon::row_linear_term(p, dy, dz), ctrecon::row_constant_term(p, dy, dz), 1, 0};
+  const double a = static_cast<double>(p[0]), bb = static_cast<double>(row.linear);
+  const double cc = static_cast<double>(row.constant);
   const double min_q = cc - bb * bb / a;  // minimum of q over the row (continuous dx)
-  if (!(min_q <= k2 * (1.0 + 1e-4) + 1e-12)) {
-    i0 = 1;
-    i1 = 0;
-    return;
-  }
+  if (!(min_q <= k2 * (1.0 + 1e-4) + 1e-12)) return row;
   const double half = std::sqrt(std::max(0.0, (k2 - min_q) / a));
   const double centre = mx - bb / a;
   const double f0 = (centre - half - g.x0) / g.dx, f1 = (centre + half - g.x0) / g.dx;
   // Clamped to the grid (plus margin) so that the integer casts are exact floor/ceil; widened by one
   // voxel each side against rounding.
   const double lim = static_cast<double>(g.X) + 2.0;
-  i0 = std::max<int64_t>(lo, ceil_index(std::max(-lim, std::min(lim, f0))) - 1);
-  i1 = std::min<int64_t>(hi, floor_index(std::max(-lim, std::min(lim, f1))) + 1);
+  row.i0 = std::max<int64_t>(lo, ceil_index(std::max(-lim, std::min(lim, f0))) - 1);
+  row.i1 = std::min<int64_t>(hi, floor_index(std::max(-lim, std::min(lim, f1))) + 1);
+  return row;
 }
 
 template <typename scalar_t>
@@ -93,19 +103,13 @@ void forward_kernel(const scalar_t* means, const scalar_t* prec, const scalar_t*
       if (z > h[2] || l[0] > h[0] || l[1] > h[1]) continue;
       const scalar_t mx = means[3 * gi], my = means[3 * gi + 1], mz = means[3 * gi + 2];
       const scalar_t* p = prec + 6 * gi;
-      const scalar_t pxx = p[0], pxy = p[1], pxz = p[2], pyy = p[3], pyz = p[4], pzz = p[5];
-      const scalar_t inten = intens[gi];
+      const scalar_t pxx = p[0], inten = intens[gi];
       const scalar_t dz = zs[z] - mz;
       for (int64_t y = l[1]; y <= h[1]; ++y) {
-        const scalar_t dy = ys[y] - my;
-        const scalar_t bterm = pxy * dy + pxz * dz;
-        const scalar_t cterm = dy * (pyy * dy + scalar_t(2) * pyz * dz) + pzz * dz * dz;
-        int64_t i0, i1;
-        row_interval(pxx, bterm, cterm, k2, static_cast<double>(mx), grid, l[0], h[0], i0, i1);
+        const Row<scalar_t> r = row_of(p, ys[y] - my, dz, k2, static_cast<double>(mx), grid, l[0], h[0]);
         scalar_t* row = slice + y * grid.X;
-        for (int64_t i = i0; i <= i1; ++i) {
-          const scalar_t dx = xs[i] - mx;
-          const scalar_t q = dx * (pxx * dx + scalar_t(2) * bterm) + cterm;
+        for (int64_t i = r.i0; i <= r.i1; ++i) {
+          const scalar_t q = ctrecon::row_mahalanobis(pxx, xs[i] - mx, r.linear, r.constant);
           if (q <= k2s) row[i] += inten * std::exp(scalar_t(-0.5) * q);
         }
       }
@@ -135,17 +139,14 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* means, const scal
         const scalar_t dz = zs[z] - mz;
         for (int64_t y = l[1]; y <= h[1]; ++y) {
           const scalar_t dy = ys[y] - my;
-          const scalar_t bterm = pxy * dy + pxz * dz;
-          const scalar_t cterm = dy * (pyy * dy + scalar_t(2) * pyz * dz) + pzz * dz * dz;
-          int64_t i0, i1;
-          row_interval(pxx, bterm, cterm, k2, static_cast<double>(mx), grid, l[0], h[0], i0, i1);
+          const Row<scalar_t> r = row_of(p, dy, dz, k2, static_cast<double>(mx), grid, l[0], h[0]);
           const scalar_t* row = item + (z * grid.Y + y) * grid.X;
           // Row sums of w, w·dx, w·dx² (w = upstream gradient × exp) give every accumulator; rows are
           // short, so they are summed in the working dtype and the totals in double.
           scalar_t r0 = 0, r1 = 0, r2 = 0;
-          for (int64_t i = i0; i <= i1; ++i) {
+          for (int64_t i = r.i0; i <= r.i1; ++i) {
             const scalar_t dx = xs[i] - mx;
-            const scalar_t q = dx * (pxx * dx + scalar_t(2) * bterm) + cterm;
+            const scalar_t q = ctrecon::row_mahalanobis(pxx, dx, r.linear, r.constant);
             if (q <= k2s) {
               const scalar_t w = row[i] * std::exp(scalar_t(-0.5) * q);
               r0 += w;
