@@ -12,11 +12,13 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    # The CUDA kernel sources (top-level cuda/) ship inside the package as ctrecon/_cuda_src, where
-    # ctrecon/_cuda.py finds them to build the extension on first use.
-    packages=find_packages(include=["ctrecon", "ctrecon.*", "priors", "priors.*"]) + ["ctrecon._cuda_src"],
-    package_dir={"ctrecon._cuda_src": "cuda"},
-    package_data={"ctrecon.operators": ["csrc/*.cpp", "csrc/*.h"], "ctrecon._cuda_src": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
+    # Top-level folders ship inside the package: the CUDA kernel sources (cuda/) as ctrecon/_cuda_src, where
+    # ctrecon.operators finds them to build the extension on first use, and the shipped data (data/: the
+    # demo case, the priors) as ctrecon/_data, where ctrecon.core.paths.data_file finds it.
+    packages=find_packages(include=["ctrecon", "ctrecon.*", "priors", "priors.*"]) + ["ctrecon._cuda_src", "ctrecon._data"],
+    package_dir={"ctrecon._cuda_src": "cuda", "ctrecon._data": "data"},
+    package_data={"ctrecon.operators": ["csrc/*.cpp", "csrc/*.h"], "ctrecon._cuda_src": ["*.cu", "*.cuh", "*.cpp", "*.h"],
+                  "ctrecon._data": ["README.md", "*.nii.gz", "priors/*.pt"]},
     # torch is required but deliberately unpinned above 2.1: scripts/install.sh installs the CPU build
     # on machines without CUDA before this package, so pip never pulls the multi-GB CUDA wheels there.
     install_requires=[

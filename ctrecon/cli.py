@@ -1,8 +1,9 @@
 """Command-line interface: a thin click layer over the library.
 
 Every command: ``--help`` with an example, ``--device auto|cpu|cuda``, ``--seed``; bad input prints
-one line ``ctrecon: error: ...`` on stderr and exits 2 with no traceback and no partial output.
-Set ``CTRECON_DEBUG=1`` to see tracebacks of unexpected errors.
+one line ``ctrecon: error: ...`` on stderr and exits 2 with no traceback and no partial output; an
+unexpected error (a bug) exits 1 with one line naming the exception. Set ``CTRECON_DEBUG=1`` to see
+its traceback.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sys
 import click
 
 from ctrecon.core.errors import InputError
+from priors.defaults import FIELD_OVERLAP, INIT_OVERLAP
 
 EXIT_BAD_INPUT = 2
 
@@ -324,8 +326,10 @@ def pretrain(data, config_name, architecture, out, steps, batch, accum, lr, warm
 
 
 def _config_settings(config_path) -> dict:
-    """The ReconstructConfig settings of a --config JSON file ({} without one); a run's config.json,
-    which nests them under "config", works too."""
+    """The ReconstructConfig settings of a --config JSON file, flat ({} without one; see
+    ``ReconstructConfig.flat_settings``); a run's config.json, which nests them under "config", works too."""
+    from ctrecon.pipeline.reconstruct import ReconstructConfig
+
     if config_path is None:
         return {}
     try:
@@ -335,7 +339,7 @@ def _config_settings(config_path) -> dict:
         raise InputError(f"cannot read --config {config_path}: {err}") from None
     if not isinstance(settings, dict):
         raise InputError(f"--config {config_path} must hold a JSON object")
-    return settings.get("config", settings)
+    return ReconstructConfig.flat_settings(settings.get("config", settings))
 
 
 def _case_name(scan, scan_path: str) -> str:
@@ -351,35 +355,22 @@ def _case_name(scan, scan_path: str) -> str:
     return match.group(1) if match else Path(scan_path).stem
 
 
-def _write_run(out: str, result, scan, extra: dict) -> None:
-    """RUN/volume.nii.gz (unit attenuation, like `ctrecon fdk`), gaussians.npz, config.json, curves.png,
-    then metrics.json (each atomic)."""
-    from ctrecon.core.io import save_volume, write_json
-    from ctrecon.pipeline.report import plot_run_curves
-
-    os.makedirs(out, exist_ok=True)
-    grid = scan.geometry.volume
-    origin = scan.meta.get("origin")  # the source volume's patient frame, when the simulation recorded it
-    if not (isinstance(origin, (list, tuple)) and len(origin) == 3):
-        origin = tuple(grid.voxel_centres()[0, 0, 0])  # (x, y, z) of voxel [0, 0, 0] in the scan's frame
-    save_volume(os.path.join(out, "volume.nii.gz"), result.volume.numpy(), grid.dVoxel, origin)
-    result.field.save(os.path.join(out, "gaussians.npz"))
-    write_json(os.path.join(out, "config.json"), {"init": result.init, **extra, "config": result.config.to_dict()})
-    metrics = {**result.to_metrics(), "views": extra["views"], "case": extra["case"]}
-    plot_run_curves(metrics, os.path.join(out, "curves.png"))
-    write_json(os.path.join(out, "metrics.json"), metrics)
-
-
 PRIOR_INITS = ("medgmae", "medgmae-star")
 
 
-def _register_priors(prior, init: str):
-    """Register the prior initialisers (importing ``priors`` lazily, DESIGN §3); returns the prior file
-    ``init`` will use (``prior``, or the shipped one)."""
-    from priors.zero_shot import register_prior_initializers, shipped_prior_path
+def _prior_initializers(inits, prior) -> tuple:
+    """``(initialisers, prior files)`` of the init names ``inits``: the prior ones (``PRIOR_INITS``)
+    become :class:`priors.zero_shot.PriorInit` of ``prior`` (default: each one's shipped prior), their
+    files recorded as init name → file; the others stay names. ``--prior`` needs a prior init."""
+    used = [init for init in inits if init in PRIOR_INITS]
+    if prior is not None and not used:
+        raise InputError(f"--prior is for the inits {' and '.join(PRIOR_INITS)}")
+    if not used:
+        return tuple(inits), {}
+    from priors.zero_shot import PriorInit
 
-    register_prior_initializers(prior)
-    return str(prior if prior is not None else shipped_prior_path(init))
+    chosen = {init: PriorInit(prior, name=init) for init in used}
+    return tuple(chosen.get(init, init) for init in inits), {init: str(c.path) for init, c in chosen.items()}
 
 
 @cli.command()
@@ -394,7 +385,7 @@ def _register_priors(prior, init: str):
                    "[default: the shipped prior in data/priors/].")
 @click.option("--init-option", "init_options", multiple=True, metavar="KEY=VALUE",
               help="Keyword option of the initialiser (JSON value), e.g. scale_factor=1.0 (fbp) or overlap=0.75 "
-                   "(medgmae*: window overlap, default 0.5); repeatable.")
+                   f"(medgmae*: window overlap, default {INIT_OVERLAP}); repeatable.")
 @click.option("--iters", type=int, default=None, help="Iterations [default: 15000].")
 @click.option("--views-per-iter", type=int, default=None, help="Random views per iteration (0: all) [default: 0].")
 @click.option("--eval-every", type=int, default=None, help="Evaluate every E iterations [default: 100].")
@@ -431,10 +422,11 @@ def reconstruct(scan_path, init, init_gaussians, prior, init_options, iters, vie
     """
     from tqdm import tqdm
 
-    from ctrecon.methods.gaussians import GaussianField, available_initializers, get_initializer
+    from ctrecon.methods.gaussians import GaussianField, get_initializer
     from ctrecon.core.io import load_scan
     from ctrecon.pipeline.reconstruct import NonFiniteLossError, ReconstructConfig
     from ctrecon.pipeline.reconstruct import reconstruct as run_reconstruct
+    from ctrecon.pipeline.runs import RUN_FILES, write_run
 
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--out {out} exists and is not a folder")
@@ -453,31 +445,23 @@ def reconstruct(scan_path, init, init_gaussians, prior, init_options, iters, vie
             pass  # a plain string
         settings.setdefault("init_options", {})[key] = value
     if no_densify:
-        settings["densify"] = False
+        settings["strategy"] = None
     if stop_at_thresholds:
         settings["stop_at_thresholds"] = True
     config = ReconstructConfig.from_dict(settings)
-    init_field = None
+    init_field, initializer = None, init
     if prior is not None and (init not in PRIOR_INITS or init_gaussians is not None):
         raise InputError(f"--prior is for --init {' or '.join(PRIOR_INITS)} (without --init-gaussians)")
     if init_gaussians is not None:
         init_field = GaussianField.load(init_gaussians)
     elif init in PRIOR_INITS:
-        prior = _register_priors(prior, init)
-    elif init not in available_initializers():
-        try:  # priors register their initialisers on import
-            import priors  # noqa: F401
-        except ImportError:
-            pass
+        (initializer,), files = _prior_initializers([init], prior)
+        prior = files[init]
+    else:
         get_initializer(init)  # InputError listing the known names
     scan = load_scan(scan_path)
     if scan.ground_truth is None:
         click.echo("note: the scan has no ground truth; PSNR/SSIM and thresholds are not computed", err=True)
-    extra = {"scan": os.path.abspath(scan_path), "source": scan.meta.get("source"),
-             "case": case or _case_name(scan, scan_path), "units": "unit attenuation (HU + 1024) / 4095",
-             "views": scan.geometry.n_angles, "seed": seed, "device": str(device),
-             "init_gaussians": init_gaussians, "prior": prior,
-             "geometry": scan.geometry.to_dict(include_angles=False)}
 
     bar = None  # created at the first report, so that errors during FDK/initialisation print one line
     postfix = {}
@@ -485,7 +469,7 @@ def reconstruct(scan_path, init, init_gaussians, prior, init_options, iters, vie
     def progress(p):
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=config.iterations, desc=f"3DGR-CT ({init})", unit="it", dynamic_ncols=True)
+            bar = tqdm(total=config.schedule.iterations, desc=f"3DGR-CT ({init})", unit="it", dynamic_ncols=True)
         if p.iteration:
             bar.update(1)
         if p.evaluation is not None and p.evaluation["psnr"] is not None:
@@ -496,26 +480,28 @@ def reconstruct(scan_path, init, init_gaussians, prior, init_options, iters, vie
 
     failure = None
     try:
-        result = run_reconstruct(scan, init=init, config=config, device=device, seed=seed, callback=progress,
-                                 init_field=init_field)
+        result = run_reconstruct(scan, init=initializer, config=config, device=device, seed=seed,
+                                 callback=progress, init_field=init_field)
     except NonFiniteLossError as err:
         failure, result = err, err.result
     finally:
         if bar is not None:
             bar.close()
-    _write_run(out, result, scan, extra)
+    write_run(out, result, scan, scan_file=os.path.abspath(scan_path), source=scan.meta.get("source"),
+              case=case or _case_name(scan, scan_path), seed=seed, device=device, prior=prior,
+              init_gaussians=init_gaussians)
     final = result.final or {}
     summary = [f"{result.init}: {result.iterations} iterations in {result.wall_seconds:.1f} s "
                f"(+{result.eval_seconds:.1f} s evaluation), {result.n_gaussians} Gaussians"]
     if final:
         summary.append(f"final PSNR {final['psnr']:.2f} dB, SSIM {final['ssim_slice']:.4f} (axial slices), "
                        f"{final['ssim3d']:.4f} (3-D)")
-        for key, label in (("psnr35", f"PSNR {config.psnr_threshold:g} dB"),
-                           ("ssim90", f"SSIM {config.ssim_threshold:g}")):
+        for key, label in (("psnr35", f"PSNR {config.evaluation.psnr_threshold:g} dB"),
+                           ("ssim90", f"SSIM {config.evaluation.ssim_threshold:g}")):
             hit = result.thresholds[key]
             summary.append(f"{label}: " + ("not reached" if hit is None else
                                            f"iteration {hit['iteration']}, {hit['seconds']:.1f} s"))
-    summary.append(f"wrote {out}/ (volume.nii.gz, gaussians.npz, config.json, curves.png, metrics.json)")
+    summary.append(f"wrote {out}/ ({', '.join(RUN_FILES)})")
     click.echo("\n".join(summary))
     if failure is not None:
         raise click.ClickException(str(failure))
@@ -553,7 +539,7 @@ def report(runs, out, device, seed):
               help="Also write the field rendered on the volume's grid (.nii.gz/.nii, in the input's units).")
 @click.option("--levels", default="all", show_default=True, type=click.Choice(["all", "first"]),
               help="all: every MedGMAE* level; first: level 0 only (MedGMAE).")
-@click.option("--overlap", default=0.75, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+@click.option("--overlap", default=FIELD_OVERLAP, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Window overlap (fraction of a window), blended; 0: non-overlapping windows (the paper's).")
 @click.option("--no-resample", is_flag=True, help="Cut windows at the volume's own spacing, not the prior's.")
 @click.option("--input-units", default="hu", show_default=True, type=click.Choice(["hu", "unit"]),
@@ -634,7 +620,7 @@ def infer(volume, prior, out, render, levels, overlap, no_resample, input_units,
 
 
 def _benchmark_events(echo):
-    """tqdm progress for :func:`ctrecon.benchmark.run_benchmark` events (one bar per run; without a
+    """tqdm progress for :func:`ctrecon.pipeline.benchmark.run_benchmark` events (one bar per run; without a
     terminal, one line per evaluation)."""
     from tqdm import tqdm
 
@@ -668,14 +654,6 @@ def _benchmark_events(echo):
             echo(f"simulated {event.case} at {event.views} views -> {event.path}")
 
     return handle
-
-
-def _prior_files(inits, prior) -> dict:
-    """Register the prior initialisers when ``inits`` use them; init name → prior file."""
-    used = [init for init in inits if init in PRIOR_INITS]
-    if prior is not None and not used:
-        raise InputError(f"--prior is for the inits {' and '.join(PRIOR_INITS)}")
-    return {init: _register_priors(prior, init) for init in used}
 
 
 @cli.command()
@@ -729,12 +707,12 @@ def benchmark(cases, views, inits, iters, eval_every, views_per_iter, n_gaussian
                  "n_gaussians": n_gaussians}
     settings.update({k: v for k, v in overrides.items() if v is not None})
     if no_densify:
-        settings["densify"] = False
+        settings["strategy"] = None
     if stop_at_thresholds:
         settings["stop_at_thresholds"] = True
     config = ReconstructConfig.from_dict(settings)
-    priors = _prior_files(init_names, prior)
-    result = run_benchmark(cases, view_counts, init_names, config, out, device=device, seed=seed, crop=crop, shape=shape,
+    initializers, priors = _prior_initializers(init_names, prior)
+    result = run_benchmark(cases, view_counts, initializers, config, out, device=device, seed=seed, crop=crop, shape=shape,
                            spacing=spacing[0] if spacing and len(spacing) == 1 else spacing, priors=priors,
                            events=_benchmark_events(click.echo))
     click.echo(result["markdown_table"])
@@ -773,7 +751,7 @@ def demo(out, profile, iters, crop, device, seed):
 
     start = time.perf_counter()
     crop = _parse_numbers(crop, "--crop", count=3, kind=int) if crop is not None else CPU_CROP
-    priors = _prior_files(DEMO_INITS, None)
+    _, priors = _prior_initializers(DEMO_INITS, None)
     summary = run_demo(out, device=device, profile=profile, iterations=iters, crop=crop, seed=seed, priors=priors,
                        events=_benchmark_events(click.echo))
     click.echo("")
@@ -781,11 +759,25 @@ def demo(out, profile, iters, crop, device, seed):
     click.echo(f"demo finished in {time.perf_counter() - start:.0f} s; report: {summary['summary']}")
 
 
+def _internal_error(err: BaseException):
+    """Exit 1 with one line naming an unexpected exception; with ``CTRECON_DEBUG=1``, its traceback instead."""
+    if os.environ.get("CTRECON_DEBUG", "") not in ("", "0"):
+        raise err
+    detail = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    _fail(f"internal error ({type(err).__name__}){': ' + detail if detail else ''}; "
+          "set CTRECON_DEBUG=1 for the traceback", 1)
+
+
 def main(argv=None):
-    """Console entry point: maps bad input to exit code 2 with a one-line message."""
+    """Console entry point. Bad input (an InputError, or a missing, misplaced or forbidden file) exits 2 and
+    a usage error its click code, with one line ``ctrecon: error: ...``; Ctrl-C exits 130; anything else is an
+    internal error (:func:`_internal_error`). A reader that leaves early (``| head``) gets no message: click
+    exits 1 quietly on a broken pipe."""
     try:
         cli.main(args=argv, prog_name="ctrecon", standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as err:  # click turns Ctrl-C, and an EOFError from anywhere, into Abort
+        if isinstance(err.__cause__, EOFError):
+            _internal_error(err.__cause__)
         _fail("interrupted", 130)
     except click.ClickException as err:
         if isinstance(err, click.UsageError) and err.ctx is not None:
@@ -793,17 +785,8 @@ def main(argv=None):
         _fail(err.format_message(), err.exit_code if err.exit_code else EXIT_BAD_INPUT)
     except (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
         _fail(str(err) if not isinstance(err, OSError) or not err.filename else f"{err.strerror}: {err.filename}")
-    except ValueError as err:  # geometry and array validation raise ValueError naming the field
-        _fail(str(err))
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
-    except BrokenPipeError:  # e.g. `ctrecon ... | head -1`: the reader left, nothing to report
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
     except Exception as err:  # noqa: BLE001 - last resort: one line unless debugging
-        if os.environ.get("CTRECON_DEBUG"):
-            raise
-        _fail(f"internal error ({type(err).__name__}): {err}; set CTRECON_DEBUG=1 for the traceback", 1)
+        _internal_error(err)
     sys.exit(0)
 
 

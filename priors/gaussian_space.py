@@ -13,22 +13,14 @@ from __future__ import annotations
 import torch
 
 from ctrecon.core.geometry import VolumeGeometry
+from ctrecon.operators.voxelize import covariance_matrices
 
-__all__ = ["block_to_world", "world_to_block", "quaternion_to_matrix", "matrix_to_quaternion"]
-
-
-def quaternion_to_matrix(quats: torch.Tensor) -> torch.Tensor:
-    """Rotation matrices ``[..., 3, 3]`` of quaternions ``[..., 4]`` (w, x, y, z; normalised here)."""
-    w, x, y, z = torch.nn.functional.normalize(quats, dim=-1).unbind(-1)
-    return torch.stack([
-        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-    ], dim=-1).reshape(*quats.shape[:-1], 3, 3)
+__all__ = ["block_to_world", "world_to_block", "matrix_to_quaternion"]
 
 
 def matrix_to_quaternion(rot: torch.Tensor) -> torch.Tensor:
-    """Unit quaternions ``[..., 4]`` (w, x, y, z; w ≥ 0) of proper rotation matrices ``[..., 3, 3]``.
+    """Unit quaternions ``[..., 4]`` (w, x, y, z; w ≥ 0) of proper rotation matrices ``[..., 3, 3]``, the
+    inverse of :func:`ctrecon.operators.voxelize.quaternion_to_rotation`.
 
     Uses the largest of the four candidate denominators (Shepperd's method), stable for every rotation.
     """
@@ -61,9 +53,7 @@ def _transform(scales, quats, factor):
     """Scales and quaternions of ``F R S² Rᵀ F`` for ``F = diag(factor)`` (exact; eigh for anisotropy)."""
     if torch.allclose(factor, factor[0].expand_as(factor)):
         return scales * factor[0], torch.nn.functional.normalize(quats, dim=-1)
-    rot = quaternion_to_matrix(quats)
-    cov = rot @ torch.diag_embed(scales ** 2) @ rot.transpose(-1, -2)
-    cov = factor[:, None] * cov * factor[None, :]
+    cov = factor[:, None] * covariance_matrices(scales, quats) * factor[None, :]
     cov = 0.5 * (cov + cov.transpose(-1, -2))
     eigvals, eigvecs = torch.linalg.eigh(cov)
     det = torch.linalg.det(eigvecs)

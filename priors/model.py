@@ -2,7 +2,11 @@
 
 Crops are ``[B, 1, D, D, D]`` arrays ordered ``[Z, Y, X]`` with values in [0, 1]. They are cut into
 ``(D/p)³`` patches of ``p³`` voxels (raster order z, y, x); a boolean mask ``[B, n_patches]`` marks the
-masked patches (True = hidden from the encoder).
+masked patches (True = hidden from the encoder), the same number in every row; no mask (None): every
+patch visible, as zero-shot inference runs. Pre-training draws the masks (``mask_ratio`` of the
+patches, :func:`random_patch_mask`) and hands them to the model, which runs the steps of MAE
+(facebookresearch/mae): ``forward_encoder(crops, mask)`` → ``forward_decoder`` → ``forward_loss``;
+``model(crops, mask)`` is the prediction and ``model.loss(crops, mask)`` the training loss.
 
 * Encoder: a ViT that embeds the visible patches only (a linear map of each patch, stored as the
   ``Conv3d`` kernel it equals), adds a fixed 3-D sin-cos position embedding, prepends a cls token
@@ -18,7 +22,7 @@ masked patches (True = hidden from the encoder).
 * Voxel-MAE: the same encoder with a standard MAE decoder regressing the voxels of masked patches
   (the paper's "Voxel SSL" ablation).
 
-The Gaussian field of a crop is ``Σ I·exp(−½ dᵀΣ⁻¹d)`` rendered by :mod:`ctrecon.gaussians.render` on
+The Gaussian field of a crop is ``Σ I·exp(−½ dᵀΣ⁻¹d)`` rendered by :mod:`ctrecon.operators.voxelize` on
 the crop's voxel centres ``((i+½)/D, (j+½)/D, (k+½)/D)`` (see :func:`crop_geometry`).
 """
 from __future__ import annotations
@@ -46,8 +50,9 @@ INTENSITY_BIAS = -0.405   # sigmoid → 0.4
 class ModelConfig:
     """Architecture and loss of a prior; serialised into every checkpoint's metadata.
 
-    Lengths of Gaussians (centres, scales) are in crop units ([0, 1] spans the crop). ``levels`` are
-    MedGMAE*'s children per level-0 Gaussian (m1, m2); ``loss`` is ``"masked"`` (paper: MSE on masked
+    ``mask_ratio`` is the share of patches a pre-training mask hides (the model itself takes any mask,
+    or none). Lengths of Gaussians (centres, scales) are in crop units ([0, 1] spans the crop).
+    ``levels`` are MedGMAE*'s children per level-0 Gaussian (m1, m2); ``loss`` is ``"masked"`` (paper: MSE on masked
     voxels) or ``"zeroed-visible"`` (public code: MSE of the whole rendered crop against the input
     with visible patches zeroed). ``head_init`` ``"paper"`` is Xavier-uniform for every head,
     ``"code"`` the public code's N(0, 0.01²) scale-head weights. ``intensity_gain`` multiplies the
@@ -128,6 +133,7 @@ class ModelConfig:
 
     @property
     def n_visible(self) -> int:
+        """Visible patches of a pre-training mask."""
         return int(round(self.n_patches * (1.0 - self.mask_ratio)))
 
     @property
@@ -216,14 +222,6 @@ def random_patch_mask(seeds, n_patches: int, n_masked: int, device=None) -> torc
         row[order[:n_masked]] = True
         rows.append(row)
     return torch.stack(rows).to(device)
-
-
-def _visible_indices(mask: torch.Tensor, n_visible: int) -> torch.Tensor:
-    """``[B, n_visible]`` indices of the visible patches of each row (ascending); every row of ``mask``
-    must hide exactly ``n_patches − n_visible`` patches."""
-    if mask.device.type != "meta" and not torch.all((~mask).sum(1) == n_visible):
-        raise InputError(f"every mask row must leave exactly {n_visible} patches visible")
-    return torch.argsort(mask.to(torch.uint8), dim=1, stable=True)[:, :n_visible]
 
 
 def sincos_position_embedding(grid: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -422,20 +420,55 @@ class _LevelHead(nn.Module):
                      for t in self.heads(h))
 
 
-class MedGMAE(nn.Module):
-    """MedGMAE (``architecture="medgmae"``) and MedGMAE* (``"medgmae-star"``).
-
-    ``forward(crops, mask) → CropGaussians`` (all levels concatenated, level 0 first);
-    ``loss(crops, mask)`` is the reconstruction loss of :class:`ModelConfig`.
-    """
+class _MaskedAutoencoder(nn.Module):
+    """What MedGMAE and the voxel MAE share: the encoder of the visible patches, its projection to the
+    decoder width, and ``loss(crops, mask) = forward_loss(crops, model(crops, mask), mask)``."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.architecture not in ("medgmae", "medgmae-star"):
-            raise InputError(f"MedGMAE cannot build architecture {cfg.architecture!r}")
         self.cfg = cfg
         self.encoder = ViTEncoder(cfg)
         self.encoder_to_decoder = nn.Linear(cfg.encoder_dim, cfg.decoder_dim)
+
+    def _visible_indices(self, crops: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``[B, n]`` indices of the visible patches of each row (ascending): every patch when ``mask``
+        is None, else the False entries of ``mask``, which must be as many in every row (at least one).
+        A mask on the meta device (shapes, no values) counts as a pre-training mask."""
+        B, n_patches = crops.shape[0], self.cfg.n_patches
+        if mask is None:
+            return torch.arange(n_patches, device=crops.device).expand(B, n_patches)
+        if tuple(mask.shape) != (B, n_patches):
+            raise InputError(f"mask must be [{B}, {n_patches}] (crops, patches), got {list(mask.shape)}")
+        if mask.device.type == "meta":
+            n_visible = self.cfg.n_visible
+        else:
+            counts = (~mask).sum(1)
+            n_visible = int(counts[0])
+            if n_visible < 1 or not torch.all(counts == n_visible):
+                raise InputError("every mask row must leave the same number of patches visible, at least one")
+        return torch.argsort(mask.to(torch.uint8), dim=1, stable=True)[:, :n_visible]
+
+    def forward_encoder(self, crops: torch.Tensor, mask: torch.Tensor | None = None):
+        """``(tokens [B, 1 + n, E] (cls first), visible [B, n])`` of the patches ``mask`` leaves visible
+        (None: every patch)."""
+        visible = self._visible_indices(crops, mask)
+        return self.encoder(crops, visible), visible
+
+    def loss(self, crops: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.forward_loss(crops, self(crops, mask), mask)
+
+
+class MedGMAE(_MaskedAutoencoder):
+    """MedGMAE (``architecture="medgmae"``) and MedGMAE* (``"medgmae-star"``).
+
+    ``forward(crops, mask=None) → CropGaussians`` (all levels concatenated, level 0 first);
+    ``forward_loss`` is the reconstruction loss of :class:`ModelConfig`.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        if cfg.architecture not in ("medgmae", "medgmae-star"):
+            raise InputError(f"MedGMAE cannot build architecture {cfg.architecture!r}")
+        super().__init__(cfg)
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.n_gaussians, cfg.decoder_dim))
         self.decoder_blocks = _blocks(cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, cfg.mlp_ratio,
                                       cfg.drop_path)
@@ -456,19 +489,22 @@ class MedGMAE(nn.Module):
         nn.init.constant_(self.heads.scale.bias, SCALE_BIAS)
         nn.init.constant_(self.heads.intensity.bias, INTENSITY_BIAS)
 
-    def decode_tokens(self, crops: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Decoder features ``[B, K, C]`` of the Gaussian query tokens."""
-        visible = _visible_indices(mask, self.cfg.n_visible)
-        latent = self.encoder_to_decoder(self.encoder(crops, visible))
+    def forward(self, crops: torch.Tensor, mask: torch.Tensor | None = None) -> CropGaussians:
+        return self.forward_decoder(self.forward_encoder(crops, mask)[0])
+
+    def forward_decoder(self, latent: torch.Tensor) -> CropGaussians:
+        """The Gaussians decoded from encoder tokens ``[B, 1 + n, E]``: the decoder reads
+        ``[cls] + K query tokens + visible tokens`` and the heads turn each query token into Gaussians."""
+        latent = self.encoder_to_decoder(latent)
         queries = self.query_tokens.expand(latent.shape[0], -1, -1).to(latent.dtype)
         x = torch.cat([latent[:, :1], queries, latent[:, 1:]], dim=1)
         for block in self.decoder_blocks:
             x = block(x)
-        return self.decoder_norm(x)[:, 1:1 + self.cfg.n_gaussians]
+        return self._gaussians(self.decoder_norm(x)[:, 1:1 + self.cfg.n_gaussians])
 
-    def forward(self, crops: torch.Tensor, mask: torch.Tensor) -> CropGaussians:
+    def _gaussians(self, tokens: torch.Tensor) -> CropGaussians:
+        """Level 0 from the query tokens ``[B, K, C]``, then MedGMAE*'s residual levels."""
         cfg = self.cfg
-        tokens = self.decode_tokens(crops, mask)
         pos, scale, rot, inten = self.heads(tokens)
         means = torch.sigmoid(pos)
         floor = cfg.min_scale_voxels / cfg.crop_size
@@ -486,7 +522,7 @@ class MedGMAE(nn.Module):
                         rep(intensities) + d_int * cfg.residual_intensity))
         return CropGaussians(*(torch.cat(parts, dim=1) for parts in zip(*out)))
 
-    def loss_from_gaussians(self, gaussians: CropGaussians, crops: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward_loss(self, crops: torch.Tensor, gaussians: CropGaussians, mask: torch.Tensor) -> torch.Tensor:
         """Reconstruction loss of rendered ``gaussians`` against ``crops`` (float32 rendering)."""
         with torch.autocast(crops.device.type, enabled=False):  # rendering stays float32 under AMP
             return self._rendering_loss(gaussians.float(), crops.float(), mask)
@@ -506,25 +542,19 @@ class MedGMAE(nn.Module):
             return F.mse_loss(rendered, crops * voxel_mask)
         return F.mse_loss(rendered[voxel_mask], crops[voxel_mask])
 
-    def loss(self, crops: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.loss_from_gaussians(self(crops, mask), crops, mask)
-
     @torch.no_grad()
     def reconstruct(self, crops: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The rendered crop ``[B, 1, D, D, D]`` (for previews)."""
         return render_crop(self(crops, mask), self.cfg.crop_size, self.cfg.k_sigma)
 
 
-class VoxelMAE(nn.Module):
+class VoxelMAE(_MaskedAutoencoder):
     """MAE with a voxel decoder: mask tokens + sin-cos positions, blocks, a linear head to ``p³`` voxels."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
         if cfg.architecture != "voxel-mae":
             raise InputError(f"VoxelMAE cannot build architecture {cfg.architecture!r}")
-        self.cfg = cfg
-        self.encoder = ViTEncoder(cfg)
-        self.encoder_to_decoder = nn.Linear(cfg.encoder_dim, cfg.decoder_dim)
+        super().__init__(cfg)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))
         self.register_buffer("decoder_pos_embed", sincos_position_embedding(cfg.grid, cfg.decoder_dim),
                              persistent=False)
@@ -536,11 +566,15 @@ class VoxelMAE(nn.Module):
             _init_transformer(part)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def forward(self, crops: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, crops: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Predicted voxels of every patch ``[B, n_patches, p³]`` (only the masked ones are trained)."""
-        visible = _visible_indices(mask, self.cfg.n_visible)
-        latent = self.encoder_to_decoder(self.encoder(crops, visible))
-        B, n_patches = mask.shape
+        return self.forward_decoder(*self.forward_encoder(crops, mask))
+
+    def forward_decoder(self, latent: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Voxels of every patch from the encoder tokens ``[B, 1 + n, E]`` of the ``visible`` patches:
+        mask tokens fill the others' places."""
+        latent = self.encoder_to_decoder(latent)
+        B, n_patches = latent.shape[0], self.cfg.n_patches
         tokens = self.mask_token.to(latent.dtype).expand(B, n_patches, -1)
         tokens = tokens.scatter(1, visible[:, :, None].expand(-1, -1, latent.shape[-1]), latent[:, 1:])
         x = torch.cat([latent[:, :1], tokens + self.decoder_pos_embed.to(latent.dtype)], dim=1)
@@ -548,8 +582,9 @@ class VoxelMAE(nn.Module):
             x = block(x)
         return self.head(self.decoder_norm(x)[:, 1:])
 
-    def loss(self, crops: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        predicted = self(crops, mask).float()
+    def forward_loss(self, crops: torch.Tensor, predicted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """MSE of the predicted voxels of the masked patches."""
+        predicted = predicted.float()
         return F.mse_loss(predicted[mask], patchify(crops.float(), self.cfg.patch_size)[mask])
 
     @torch.no_grad()

@@ -1,7 +1,8 @@
 """Zero-shot prior initialisation: an FDK volume → sliding windows → prior Gaussians → one world-mm field.
 
     field = infer_field(fdk_volume, volume_geometry, model, metadata)          # a GaussianField (mm)
-    register_prior_initializers("my_prior.pt")   # "medgmae" / "medgmae-star" for ctrecon reconstruct
+    reconstruct(scan, init=PriorInit("my_prior.pt", overlap=0.75))              # a 3DGR-CT initialiser
+    reconstruct(scan, init="medgmae-star")       # the registered PriorInit of the shipped MedGMAE* prior
 
 The pipeline (MedGMAE §4.4; the prior's settings come from its checkpoint metadata):
 
@@ -15,15 +16,11 @@ The pipeline (MedGMAE §4.4; the prior's settings come from its checkpoint metad
 3. **Windows** of the prior's crop size D³ every ``round(D·(1 − overlap))`` voxels (``overlap`` 0:
    ``ceil(n / D)`` non-overlapping windows per axis, the paper's layout), the grid of windows centred
    on the volume, the volume padded at its border (edge values replicated, so no artificial edge is
-   fed to the prior). Windows whose values all lie below ``empty_hu`` (air) are skipped. The default
-   is ``overlap=0.75`` with blending (step 6): a prior trained on crops is free to put Gaussian tails
-   outside its crop, and non-overlapping windows then add those tails to their neighbours' field. The
-   shipped CPU priors do this: on the window faces of the shipped sample the error is 2.7× (MedGMAE*)
-   to 4.3× (MedGMAE) what it is on the same planes when the windows are shifted away; with overlap
-   0.5 still up to 1.8×, with 0.75 at most 1.3× (no seam; ~3× more windows, and Gaussians). The
-   3DGR-CT initialisers use ``INIT_OVERLAP`` = 0.5 instead: at 0.75 the fields are too costly to
-   optimise (see its comment).
-4. **Inference** in batches, every patch visible (no masking), float32, ``torch.no_grad``.
+   fed to the prior). Windows whose values all lie below ``empty_hu`` (air) are skipped. The overlap
+   is :data:`priors.defaults.FIELD_OVERLAP` by default, with blending (step 6); :class:`PriorInit`,
+   the 3DGR-CT initialiser, uses :data:`priors.defaults.INIT_OVERLAP`. Both values and their reasons
+   are written there.
+4. **Inference** in batches, every patch visible (no mask), float32, ``torch.no_grad``.
 5. **Conversion** of each window's crop-unit Gaussians to world mm by
    :func:`priors.gaussian_space.block_to_world` (centres by the window's affine map; covariances
    exactly, ``Σ_world = D Σ D`` re-decomposed into σ and a quaternion for anisotropic boxes).
@@ -45,46 +42,41 @@ The pipeline (MedGMAE §4.4; the prior's settings come from its checkpoint metad
    four iterations; under softplus the same step is scaled by sigmoid(raw) ≈ I.
 
 MedGMAE uses one level (``levels="first"``), MedGMAE* all levels (``levels="all"``). The stitched
-field is a :class:`ctrecon.gaussians.GaussianField` in world mm, intensities in unit attenuation.
+field is a :class:`ctrecon.methods.gaussians.GaussianField` in world mm, intensities in unit attenuation.
+
+ctrecon finds the registered initialisers ("medgmae", "medgmae-star") without importing this module
+itself: its one hook into the priors (``ctrecon.methods.gaussians.init``) calls
+:func:`register_initializers` the first time a name it does not know is looked up.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
+import inspect
 import math
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ctrecon.core.errors import InputError
 from ctrecon.core.geometry import VolumeGeometry
+from ctrecon.core.paths import data_file
 from ctrecon.core.units import HU_MAX, HU_MIN, hu_to_unit, unit_to_hu
+from ctrecon.methods.gaussians.field import GaussianField
+from ctrecon.operators.voxelize import bounding_half_widths
 
 from priors.checkpoints import load_prior
+from priors.defaults import FIELD_OVERLAP, INIT_OVERLAP
 from priors.gaussian_space import block_to_world
 from priors.model import CropGaussians
 
 __all__ = ["ZeroShotConfig", "WindowLayout", "SHIPPED_PRIORS", "shipped_prior_path", "load_zero_shot_prior",
-           "INIT_OVERLAP", "window_layout", "to_prior_window", "resample_to_grid", "infer_field", "prior_initializer",
-           "register_prior_initializers"]
+           "window_layout", "to_prior_window", "resample_to_grid", "infer_field", "PriorInit", "register_initializers"]
 
 #: Names of the initialisers → file of the shipped prior in data/priors/.
 SHIPPED_PRIORS = {"medgmae": "medgmae.pt", "medgmae-star": "medgmae-star.pt"}
-#: Window overlap of the 3DGR-CT initialisers (``infer_field`` defaults to ``ZeroShotConfig.overlap``).
-#: A cost/quality trade measured on the held-out abdomen (48×96×96 voxels, 120 views, 10 views per
-#: iteration, one thread): overlap 0.75 gives 47 000 (MedGMAE) / 163 000 (MedGMAE*) faint Gaussians,
-#: 134–203 M voxels of Gaussian boxes, and 3DGR-CT iterations 5–7× slower than fbp's; at 0.5 the
-#: fields have 12 000 / 40 000 Gaussians (0.86 / 0.61 s per iteration against fbp's 0.49 s) and reach
-#: 32.1 / 33.0 dB in 300 iterations (MedGMAE* non-overlapping: 32.1 dB); timings taken with another
-#: run sharing the two cores. The price is the seams of the stitched field at 0.5 (plane errors up to
-#: 1.8× on window faces, step 3), which the optimisation then has to fit away. Convergence to 35 dB
-#: from these fields: data/README.md.
-INIT_OVERLAP = 0.5
 _LEVELS_OF_INIT = {"medgmae": "first", "medgmae-star": "all"}
-_DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "priors"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +85,7 @@ class ZeroShotConfig:
 
     levels: str = "all"              # "all" (MedGMAE*) or "first" (level 0 only: MedGMAE)
     resample: bool = True            # resample to the prior's voxel spacing when it differs
-    overlap: float = 0.75            # window overlap, a fraction of the window in [0, 1); 0: non-overlapping
+    overlap: float = FIELD_OVERLAP   # window overlap, a fraction of the window in [0, 1); 0: non-overlapping
     batch_size: int = 8              # windows per forward pass
     empty_hu: float = -900.0         # windows entirely below this (HU) are skipped
     min_intensity: float = 1e-3      # prune Gaussians fainter than this (|I|, unit attenuation)
@@ -120,7 +112,7 @@ def shipped_prior_path(name: str) -> Path:
     """The shipped prior of initialiser ``name`` ("medgmae" or "medgmae-star") in data/priors/."""
     if name not in SHIPPED_PRIORS:
         raise InputError(f"no shipped prior named {name!r} (shipped: {', '.join(SHIPPED_PRIORS)})")
-    path = _DATA_DIR / SHIPPED_PRIORS[name]
+    path = data_file("priors", SHIPPED_PRIORS[name])
     if not path.is_file():
         raise InputError(f"the shipped prior {path} is missing; pass --prior CKPT (a prior.pt from ctrecon pretrain)")
     return path
@@ -221,24 +213,10 @@ def _tent_weights(layout: WindowLayout, index: tuple, centres_index: torch.Tenso
 
 
 # --------------------------------------------------------------------------- inference
-def _all_visible(model: torch.nn.Module) -> torch.nn.Module:
-    """A view of ``model`` (parameters shared) whose forward takes an all-False mask: every patch visible.
-
-    The model's config fixes the visible count at training's ``1 − mask_ratio``; the view's config has
-    ``mask_ratio`` 0 (set past the training-time validation, which requires a masked patch).
-    """
-    view = copy.copy(model)
-    cfg = copy.copy(model.cfg)
-    object.__setattr__(cfg, "mask_ratio", 0.0)
-    view.cfg = cfg
-    return view
-
-
 @torch.no_grad()
 def _predict(model, windows: torch.Tensor, counts: list, levels: str) -> CropGaussians:
     """Crop-unit Gaussians ``[B, N, …]`` of windows ``[B, 1, D, D, D]``, every patch visible."""
-    mask = torch.zeros(windows.shape[0], model.cfg.n_patches, dtype=torch.bool, device=windows.device)
-    gaussians = _all_visible(model)(windows, mask).float()
+    gaussians = model(windows).float()
     return gaussians.level(counts, 0) if levels == "first" else gaussians
 
 
@@ -246,12 +224,10 @@ def infer_field(volume, volume_geometry: VolumeGeometry, model: torch.nn.Module,
                 config: ZeroShotConfig = ZeroShotConfig(), *, device=None,
                 progress: Optional[Callable[[int, int], None]] = None):
     """Zero-shot Gaussian field of a unit-attenuation volume ``[Z, Y, X]`` (tensor or array) on
-    ``volume_geometry``: a :class:`ctrecon.gaussians.GaussianField` in world mm on ``device`` (default:
-    the volume's). ``model``/``metadata`` come from :func:`load_zero_shot_prior`.
+    ``volume_geometry``: a :class:`ctrecon.methods.gaussians.GaussianField` in world mm on ``device``
+    (default: the volume's). ``model``/``metadata`` come from :func:`load_zero_shot_prior`.
     ``progress(windows_done, windows_total)`` is called after each batch.
     """
-    from ctrecon.methods.gaussians import GaussianField, bounding_half_widths
-
     if not isinstance(volume_geometry, VolumeGeometry):
         raise InputError(f"volume_geometry must be a VolumeGeometry, got {type(volume_geometry).__name__}")
     unit = torch.as_tensor(volume)
@@ -337,53 +313,60 @@ def infer_field(volume, volume_geometry: VolumeGeometry, model: torch.nn.Module,
 
 
 # --------------------------------------------------------------------------- ctrecon initialisers
-def prior_initializer(prior=None, levels: str = "all", *, name: str = "medgmae-star", **options) -> Callable:
-    """A ctrecon initialiser (``fn(fdk_volume, volume_geometry, n_gaussians=None, generator=None, **opts)``)
-    running :func:`infer_field` with the prior file ``prior`` (default: the shipped prior of ``name``).
+class PriorInit:
+    """A ctrecon initialiser: the zero-shot field of the FDK volume (:func:`infer_field`), usable
+    wherever an initialiser name is (``reconstruct(scan, init=PriorInit("prior.pt", overlap=0.75))``).
 
-    The prior is loaded on first use (once per device). ``n_gaussians`` caps the count (the largest
-    Gaussians are kept); ``generator`` is unused (inference is deterministic). ``options`` and the
-    call's keyword options are :class:`ZeroShotConfig` fields (``overlap``, ``resample``, ...).
+    ``name``: "medgmae" (level 0 of the prior) or "medgmae-star" (all levels, a MedGMAE* prior), also
+    the label runs record. ``prior``: the prior file (default: the shipped prior of ``name``), loaded on
+    first use, once per device. ``options``: :class:`ZeroShotConfig` fields; ``overlap`` defaults to
+    :data:`priors.defaults.INIT_OVERLAP`. Called like every initialiser,
+    ``init(fdk_volume, volume_geometry, n_gaussians=None, generator=None, **options)``, where the call's
+    options override the constructor's, ``n_gaussians`` caps the count (the largest Gaussians are
+    kept) and ``generator`` is unused (inference is deterministic).
     """
-    import inspect
 
-    loaded = {}
-    defaults = {"overlap": INIT_OVERLAP}  # where the initialisers differ from ZeroShotConfig
+    def __init__(self, prior=None, *, name: str = "medgmae-star", **options):
+        if name not in _LEVELS_OF_INIT:
+            raise InputError(f"no prior initializer named {name!r} (choose from {', '.join(_LEVELS_OF_INIT)})")
+        if prior is not None and not Path(prior).is_file():
+            raise InputError(f"prior not found: {prior}")
+        tunable = [f for f in dataclasses.fields(ZeroShotConfig) if f.name not in ("levels", "max_gaussians")]
+        unknown = sorted(set(options) - {f.name for f in tunable})
+        if unknown:
+            raise InputError(f"the {name} initializer has no option {', '.join(unknown)} "
+                             f"(options: {', '.join(f.name for f in tunable)})")
+        self.name, self.prior = name, prior
+        self.config = ZeroShotConfig(levels=_LEVELS_OF_INIT[name], **{"overlap": INIT_OVERLAP, **options})
+        self._loaded = {}
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        head = list(inspect.signature(self.__call__).parameters.values())[:4]
+        self.__signature__ = inspect.Signature(  # unknown options fail when bound, before the FDK
+            head + [inspect.Parameter(f.name, keyword, default=getattr(self.config, f.name)) for f in tunable])
 
-    def initialise(fdk_volume, volume_geometry, n_gaussians=None, generator=None, **call_options):
+    @property
+    def path(self):
+        """The prior file: ``prior`` as given, or the shipped prior of ``name``."""
+        return self.prior if self.prior is not None else shipped_prior_path(self.name)
+
+    def __repr__(self) -> str:
+        return f"PriorInit({self.prior!r}, name={self.name!r}, overlap={self.config.overlap})"
+
+    def __call__(self, fdk_volume, volume_geometry, n_gaussians=None, generator=None, **options):
         fdk = torch.as_tensor(fdk_volume)
-        if str(fdk.device) not in loaded:
-            loaded[str(fdk.device)] = load_zero_shot_prior(prior if prior is not None else shipped_prior_path(name),
-                                                           fdk.device)
-        model, metadata = loaded[str(fdk.device)]
-        if levels == "all" and metadata["architecture"] != "medgmae-star":
-            raise InputError(f"the {name} initialisation needs a MedGMAE* prior; "
-                             f"{prior} is a {metadata['architecture']} prior")
-        settings = {"levels": levels, **defaults, **options, **call_options}
+        if str(fdk.device) not in self._loaded:
+            self._loaded[str(fdk.device)] = load_zero_shot_prior(self.path, fdk.device)
+        model, metadata = self._loaded[str(fdk.device)]
+        if self.config.levels == "all" and metadata["architecture"] != "medgmae-star":
+            raise InputError(f"the {self.name} initialisation needs a MedGMAE* prior; "
+                             f"{self.path} is a {metadata['architecture']} prior")
         if n_gaussians is not None:
-            settings["max_gaussians"] = int(n_gaussians)
-        return infer_field(fdk, volume_geometry, model, metadata, ZeroShotConfig(**settings))
-
-    keyword = inspect.Parameter.KEYWORD_ONLY
-    tunable = [inspect.Parameter(f.name, keyword, default=defaults.get(f.name, f.default))
-               for f in dataclasses.fields(ZeroShotConfig) if f.name not in ("levels", "max_gaussians")]
-    head = list(inspect.signature(initialise).parameters.values())[:4]
-    initialise.__signature__ = inspect.Signature(head + tunable)  # unknown options fail before the FDK
-    return initialise
+            options["max_gaussians"] = int(n_gaussians)
+        return infer_field(fdk, volume_geometry, model, metadata, dataclasses.replace(self.config, **options))
 
 
-def register_prior_initializers(prior=None) -> None:
-    """Register "medgmae" (level 0) and "medgmae-star" (all levels) with ctrecon's initialisers.
-
-    ``prior``: a prior file used by both; default: each name's shipped prior in data/priors/.
-    Re-registering replaces the previous ones (so ``--prior`` takes effect).
-    """
-    from ctrecon.methods.gaussians import register_initializer
-
-    if prior is not None and not Path(prior).is_file():
-        raise InputError(f"prior not found: {prior}")
-    for name, levels in _LEVELS_OF_INIT.items():
-        register_initializer(name, prior_initializer(prior, levels, name=name), replace=True)
-
-
-register_prior_initializers()
+def register_initializers(register: Callable) -> None:
+    """Register "medgmae" (level 0) and "medgmae-star" (all levels) with their shipped priors through
+    ``register(name, initializer)``; ctrecon's prior hook calls it with its registry."""
+    for name in _LEVELS_OF_INIT:
+        register(name, PriorInit(name=name))

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Benchmark the CUDA kernels (cuda/, ctrecon/_cuda.py) on one GPU against the project's targets.
+"""Benchmark the CUDA kernels (cuda/, glue in ctrecon/operators/) on one GPU against the project's targets.
 
     projector    Joseph forward and exact adjoint, 256³ volume -> 120 views × 512² detector
     voxelizer    100k Gaussians -> 256³ grid, forward + backward          (target ≤ 10 ms on one H100)
     pretrain     pre-training renderer: batch of 8 crops × 512 Gaussians × 96³, forward + backward
-    reconstruct  256×256×128 real CT (Z=128), 120 views, ctrecon.reconstruct until PSNR ≥ 35 dB
+    reconstruct  256×256×128 real CT (Z=128), 120 views, ctrecon.pipeline.reconstruct until PSNR ≥ 35 dB
                  (target ≤ 30 s end to end: simulation excluded, FDK + initialisation + optimisation included)
 
     python scripts/bench_cuda.py                              # all four, prints a table
@@ -142,8 +142,8 @@ def bench_reconstruct(torch, args):
         return {"skipped": f"real CT not found: {args.volume}"}
     hu, spacing = load_volume(args.volume)
     scan = simulate_scan(hu, spacing, 120, shape=(128, 256, 256), source=Path(args.volume).name, device="cuda")
-    config = ReconstructConfig(iterations=args.max_iters, views_per_iter=args.views_per_iter, eval_every=50,
-                               stop_at_psnr=35.0)
+    config = ReconstructConfig.from_dict({"iterations": args.max_iters, "views_per_iter": args.views_per_iter,
+                                          "eval_every": 50, "stop_at_psnr": 35.0})
     torch.cuda.synchronize()
     start = time.perf_counter()
     result = reconstruct(scan, init="fbp", config=config, device="cuda", seed=0)
@@ -166,9 +166,9 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_cuda: no CUDA device on this machine; nothing to benchmark (the kernels run only on a GPU).")
         return 0
-    from ctrecon.operators import _cuda
+    from ctrecon.operators import _backend
 
-    if _cuda.kernels_for("cuda") is None:
+    if _backend.kernels_for("cuda") is None:
         print("bench_cuda: the CUDA extension is unavailable (see the warning above, or CTRECON_FORCE_REFERENCE); "
               "timings would be of the torch reference.", file=sys.stderr)
         return 1

@@ -53,7 +53,7 @@ def bench(name: str, architecture: str, batch: int, steps: int, warmup: int, dev
             leaves = CropGaussians(*(t.detach().float().requires_grad_() for t in gaussians))
             _sync(device)
             start = time.perf_counter()
-            model.loss_from_gaussians(leaves, crops, mask).backward()
+            model.forward_loss(crops, leaves, mask).backward()
             _sync(device)
             render = time.perf_counter() - start
         else:

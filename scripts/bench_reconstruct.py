@@ -13,7 +13,7 @@ backward / densify). Writes OUT/bench.json, OUT/metrics.json, OUT/curves.png, OU
 Defaults: chest_pyradiomics_lung1 at 96×128×128 (2.5×2.28×2.28 mm), 120 views, FBP initialisation with
 50 000 Gaussians, 3DGR-CT learning rates, 10 random views per iteration, evaluation every 100
 iterations, no densification (each clone/split pass costs several dB that take >100 iterations to
-recover at this size; ``--densify-until 7500`` restores ReconstructConfig's schedule), stop at 35 dB.
+recover at this size; ``--densify-until 7500`` restores ReconstructConfig's density schedule), stop at 35 dB.
 Measured with these defaults on 2 CPU cores shared with other jobs (load average ≈ 8): 35.17 dB and
 slice SSIM 0.906 at iteration 1400 (first evaluation ≥ 35 dB), 1552 s of optimisation, 1.11 s per
 iteration (render 0.41, project 0.09, backward 0.61); FDK of the same scan: 32.67 dB.
@@ -81,8 +81,8 @@ def main(argv=None):
     from ctrecon.operators.fdk import fdk
     from ctrecon.core.io import load_volume, save_volume, write_json
     from ctrecon.pipeline.metrics import evaluate
+    from ctrecon.pipeline.plots import plot_run_curves
     from ctrecon.pipeline.reconstruct import ReconstructConfig, reconstruct
-    from ctrecon.pipeline.report import plot_run_curves
     from ctrecon.pipeline.simulate import simulate_scan
 
     if args.threads:
@@ -126,11 +126,12 @@ def main(argv=None):
             settings.setdefault("init_options", {})[key] = json.loads(value)
         except json.JSONDecodeError:
             settings.setdefault("init_options", {})[key] = value
-    config = ReconstructConfig(**settings)
+    config = ReconstructConfig.from_dict(settings)
     if args.decay_all:
-        config.intensity_lr_final, config.scale_lr_final = config.intensity_lr / 10, config.scale_lr / 10
-        config.rotation_lr_final = config.rotation_lr / 10
-    config.validate()
+        rates = config.optimizer
+        rates.intensity_lr_final, rates.scale_lr_final = rates.intensity_lr / 10, rates.scale_lr / 10
+        rates.rotation_lr_final = rates.rotation_lr / 10
+        config.validate()
 
     def progress(p):
         if args.max_minutes is not None and p.seconds > 60.0 * args.max_minutes:

@@ -34,7 +34,7 @@ for name in chest_cta_ts_aorta.nii.gz chest_pyradiomics_lung1.nii.gz head_vtk_he
   ln -sf "$(readlink -f "$DATA/$name")" "$TRAIN/$name"
 done
 if [ ! -f "$TRAIN/chest_lungdx_dicom.nii.gz" ]; then
-  python -c "import sys; from ctrecon.io import read_volume, save_volume; v = read_volume(sys.argv[1]); \
+  python -c "import sys; from ctrecon.core.io import read_volume, save_volume; v = read_volume(sys.argv[1]); \
 save_volume(sys.argv[2], v.array, v.spacing, v.origin)" "$DATA/chest_lungdx_dicom" "$TRAIN/chest_lungdx_dicom.nii.gz"
 fi
 

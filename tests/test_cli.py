@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctrecon.core.geometry import ConeBeamGeometry, VolumeGeometry
+from ctrecon.core.errors import InputError
+from ctrecon.core.geometry import VolumeGeometry
 from ctrecon.core.io import Scan, load_scan, load_volume, save_scan
 from ctrecon.pipeline.metrics import psnr, ssim3d, ssim_slice
 from ctrecon.core.phantoms import ellipsoid_volume, shepp_logan_3d
@@ -243,3 +244,40 @@ def test_closed_stdout_exits_quietly():
     stderr = proc.stderr.read().decode()
     assert proc.wait() == 1
     assert stderr == ""
+
+
+# --------------------------------------------------------------------------- errors: bad input vs bugs
+@pytest.mark.parametrize("error, code, expected", [
+    (InputError("the runs disagree"), 2, "ctrecon: error: the runs disagree"),
+    (FileNotFoundError(2, "No such file or directory", "runs/a"), 2, "ctrecon: error: No such file or directory: runs/a"),
+    (RuntimeError("kernel failed\nsecond line of detail"), 1,
+     "ctrecon: error: internal error (RuntimeError): kernel failed; set CTRECON_DEBUG=1 for the traceback"),
+    (ValueError("not from the user"), 1,  # only InputError is bad input; a bare ValueError is a bug
+     "ctrecon: error: internal error (ValueError): not from the user; set CTRECON_DEBUG=1 for the traceback"),
+    (EOFError(), 1,  # click turns an EOFError into Abort: still an internal error, not an interruption
+     "ctrecon: error: internal error (EOFError); set CTRECON_DEBUG=1 for the traceback"),
+    (KeyboardInterrupt(), 130, "ctrecon: error: interrupted"),
+])
+def test_bad_input_exits_2_and_unexpected_errors_exit_1_with_one_line(monkeypatch, tmp_path, error, code, expected):
+    import ctrecon.pipeline.report
+
+    def build_report(*args, **kwargs):
+        raise error
+
+    monkeypatch.delenv("CTRECON_DEBUG", raising=False)
+    monkeypatch.setattr(ctrecon.pipeline.report, "build_report", build_report)
+    result, stdout, stderr = run_cli(["report", tmp_path, "--out", tmp_path / "report"])
+    assert (result, stdout, stderr.strip().splitlines()) == (code, "", [expected])
+    assert "Traceback" not in stderr and not (tmp_path / "report").exists()
+
+
+def test_debug_variable_shows_the_traceback_of_an_unexpected_error(monkeypatch, tmp_path):
+    import ctrecon.pipeline.report
+
+    def build_report(*args, **kwargs):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setattr(ctrecon.pipeline.report, "build_report", build_report)
+    monkeypatch.setenv("CTRECON_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        run_cli(["report", tmp_path, "--out", tmp_path / "report"])

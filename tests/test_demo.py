@@ -45,7 +45,8 @@ def test_demo_runs_the_whole_pipeline_and_reports(tmp_path):
 
 def test_demo_profiles():
     cpu, full = demo_config("cpu"), demo_config("full")
-    assert cpu.views_per_iter == 10 and full.views_per_iter == 0 and full.iterations > cpu.iterations
+    assert cpu.schedule.views_per_iter == 10 and full.schedule.views_per_iter == 0
+    assert full.schedule.iterations > cpu.schedule.iterations
     assert DEMO_CASE.is_file() and all(c <= n for c, n in zip(CPU_CROP, (30, 101, 122)))
     with pytest.raises(ValueError, match="profile"):
         demo_config("tiny")
@@ -79,8 +80,8 @@ def test_benchmark_command_crops_and_passes_its_settings(tmp_path):
                                     "--device", "cpu", "--out", out])
     assert code == 0, stderr
     bench = json.loads((out / "benchmark.json").read_text())
-    assert bench["crop"] == [12, 24, 20] and bench["config"]["densify"] is False
-    assert bench["config"]["views_per_iter"] == 4 and bench["config"]["iterations"] == 2
+    assert bench["crop"] == [12, 24, 20] and bench["config"]["density"]["strategy"] is None
+    assert bench["config"]["schedule"]["views_per_iter"] == 4 and bench["config"]["schedule"]["iterations"] == 2
     for views in (16, 24):
         run = json.loads((out / "runs" / f"sample_abdomen_small_v{views}_fbp" / "config.json").read_text())
         assert run["geometry"]["nVoxel"] == [12, 24, 20] and run["views"] == views

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ctrecon.core.errors import InputError
-from ctrecon.methods.gaussians import (DensityController, GaussianField, available_initializers, get_initializer,
-                                       register_initializer)
+from ctrecon.methods.gaussians import (GaussianField, QuantileSplitCloneStrategy, available_initializers,
+                                       get_initializer, register_initializer)
 from ctrecon.methods.gaussians.init import fbp_initializer, r2_initializer
 from ctrecon.core.geometry import VolumeGeometry
 from ctrecon.core.phantoms import Ellipsoid, ellipsoid_volume, rotation_z
@@ -156,27 +156,27 @@ def make_setup(n=10):
     return field, optimizer
 
 
-def fake_step(field, optimizer, controller, hot):
+def fake_step(field, optimizer, strategy, hot):
     """One optimiser step whose position gradients are 1 on the ``hot`` rows and 1e-3 elsewhere."""
     volume = VolumeGeometry((8, 8, 8), (1.0, 1.0, 1.0))
     field.render(volume).sum().backward()
     grad = torch.full((len(field), 3), 1e-3 / math.sqrt(3))
     grad[hot] = 1.0 / math.sqrt(3)
     field.means.grad = grad
-    controller.accumulate(field)
+    strategy.step_post_backward(field, optimizer, 0)
     optimizer.step()
 
 
 def test_clone_split_prune_counts_and_optimizer_state():
     field, optimizer = make_setup()
-    controller = DensityController(densify_every=10, grad_threshold=0.5, percent_dense=0.1, scene_extent=20.0,
-                                   start=0, min_scale=0.01, generator=torch.Generator().manual_seed(0))
-    fake_step(field, optimizer, controller, hot=[0, 1, 2, 3])
+    strategy = QuantileSplitCloneStrategy(densify_every=10, grad_threshold=0.5, percent_dense=0.1, scene_extent=20.0,
+                                          start=0, min_scale=0.01, generator=torch.Generator().manual_seed(0))
+    fake_step(field, optimizer, strategy, hot=[0, 1, 2, 3])
     old_state = {g["name"]: optimizer.state[g["params"][0]]["exp_avg"].clone() for g in optimizer.param_groups}
     old_means = field.means.detach().clone()
     old_intensities = field.intensities.detach().clone()
-    assert controller.step(field, optimizer, 5) is None  # not due
-    stats = controller.step(field, optimizer, 10)
+    assert strategy.step_post_update(field, optimizer, 5) is None  # not due
+    stats = strategy.step_post_update(field, optimizer, 10)
     assert stats == {"cloned": 2, "split": 2, "pruned": 1, "total": 10 + 2 + 2 - 1}
     assert len(field) == 13
     params = field.raw_parameters()
@@ -193,31 +193,31 @@ def test_clone_split_prune_counts_and_optimizer_state():
     halves = old_intensities[[0, 1]] / 2
     torch.testing.assert_close(field.intensities[[0, 1, 7, 8]], torch.cat([halves, halves]))  # both halved
     torch.testing.assert_close(field.scales[9:], torch.full((4, 3), 3.0 / 1.6))  # split children
-    assert controller.mean_gradients(field).abs().sum() == 0  # statistics reset
-    fake_step(field, optimizer, controller, hot=[])  # the optimiser still works on the new Parameters
+    assert strategy.mean_gradients(field).abs().sum() == 0  # statistics reset
+    fake_step(field, optimizer, strategy, hot=[])  # the optimiser still works on the new Parameters
     assert all(torch.isfinite(p).all() for p in field.raw_parameters().values())
 
 
 def test_cap_keeps_the_largest_gradients():
     field, optimizer = make_setup()
-    controller = DensityController(densify_every=1, grad_threshold=0.5, percent_dense=0.1, scene_extent=20.0,
-                                   start=0, max_gaussians=11, min_scale=0.01)
+    strategy = QuantileSplitCloneStrategy(densify_every=1, grad_threshold=0.5, percent_dense=0.1, scene_extent=20.0,
+                                          start=0, max_gaussians=11, min_scale=0.01)
     volume = VolumeGeometry((4, 4, 4), (1.0, 1.0, 1.0))
     field.render(volume).sum().backward()
     grad = torch.zeros(10, 3)
     grad[[0, 1, 2, 3], 0] = torch.tensor([1.0, 3.0, 2.0, 0.9])
     field.means.grad = grad
-    controller.accumulate(field)
-    stats = controller.step(field, optimizer, 1)
+    strategy.step_post_backward(field, optimizer, 0)
+    stats = strategy.step_post_update(field, optimizer, 1)
     assert stats["cloned"] == 1 and stats["split"] == 0 and len(field) <= 11  # only row 1 (largest)
     assert stats["total"] == 10
     # the quantile rule also respects the cap
-    controller = DensityController(densify_every=1, scene_extent=20.0, start=0, max_gaussians=len(field),
-                                   min_scale=0.01)
+    strategy = QuantileSplitCloneStrategy(densify_every=1, scene_extent=20.0, start=0, max_gaussians=len(field),
+                                          min_scale=0.01)
     field.render(volume).sum().backward()
     field.means.grad = torch.rand(len(field), 3)
-    controller.accumulate(field)
-    assert controller.step(field, optimizer, 1)["total"] <= 10
+    strategy.step_post_backward(field, optimizer, 0)
+    assert strategy.step_post_update(field, optimizer, 1)["total"] <= 10
 
 
 def test_split_and_clone_preserve_rendered_mass():
@@ -227,18 +227,18 @@ def test_split_and_clone_preserve_rendered_mass():
                                       torch.tensor([0.4]))
     with torch.no_grad():
         before = float(field.render(volume, 5.0).sum())
-    controller = DensityController(grad_threshold=0.1, percent_dense=0.01, scene_extent=32.0, min_scale=0.01,
-                                   generator=torch.Generator().manual_seed(1))
+    strategy = QuantileSplitCloneStrategy(grad_threshold=0.1, percent_dense=0.01, scene_extent=32.0, min_scale=0.01,
+                                          generator=torch.Generator().manual_seed(1))
     field.means.grad = torch.ones(1, 3)
-    controller.accumulate(field)
-    assert controller.densify_and_prune(field, None)["split"] == 1 and len(field) == 2
+    strategy.step_post_backward(field, None, 0)
+    assert strategy.densify_and_prune(field, None)["split"] == 1 and len(field) == 2
     with torch.no_grad():
         after = float(field.render(volume, 5.0).sum())
     assert after == pytest.approx(before, rel=2e-3)
-    controller = DensityController(grad_threshold=0.1, percent_dense=1.0, scene_extent=32.0, min_scale=0.01)
+    strategy = QuantileSplitCloneStrategy(grad_threshold=0.1, percent_dense=1.0, scene_extent=32.0, min_scale=0.01)
     field.means.grad = torch.ones(2, 3)
-    controller.accumulate(field)
-    assert controller.densify_and_prune(field, None)["cloned"] == 2 and len(field) == 4
+    strategy.step_post_backward(field, None, 0)
+    assert strategy.densify_and_prune(field, None)["cloned"] == 2 and len(field) == 4
     with torch.no_grad():
         assert float(field.render(volume, 5.0).sum()) == pytest.approx(after, rel=1e-5)
 
@@ -248,14 +248,14 @@ def test_prune_rules():
     with torch.no_grad():
         field.log_scales[4, 1] = math.log(0.001)  # degenerate
         field.log_scales[5, 0] = math.log(50.0)  # too large
-    controller = DensityController(scene_extent=20.0, max_scale=10.0, min_scale=0.01)
-    stats = controller.densify_and_prune(field, None)
+    strategy = QuantileSplitCloneStrategy(scene_extent=20.0, max_scale=10.0, min_scale=0.01)
+    stats = strategy.densify_and_prune(field, None)
     assert stats == {"cloned": 0, "split": 0, "pruned": 3, "total": 7}
     assert torch.equal(field.means[:, 0], torch.tensor([0.0, 10, 20, 30, 60, 70, 80]))
 
 
 def test_controller_rejects_bad_settings():
     with pytest.raises(InputError):
-        DensityController(densify_every=0)
+        QuantileSplitCloneStrategy(densify_every=0)
     with pytest.raises(InputError):
-        DensityController(grad_quantile=1.5)
+        QuantileSplitCloneStrategy(grad_quantile=1.5)

@@ -4,8 +4,9 @@ import torch
 
 from ctrecon.core.errors import InputError
 from ctrecon.core.geometry import VolumeGeometry
+from ctrecon.operators.voxelize import quaternion_to_rotation
 from priors import checkpoints
-from priors.gaussian_space import block_to_world, matrix_to_quaternion, quaternion_to_matrix, world_to_block
+from priors.gaussian_space import block_to_world, matrix_to_quaternion, world_to_block
 from priors.model import (ARCHITECTURES, CONFIGS, CropGaussians, ModelConfig, build_model, count_parameters,
                           model_config, patch_mask_to_voxels, patchify, random_patch_mask, unpatchify)
 
@@ -93,6 +94,23 @@ def test_encoder_sees_visible_patches_only():
     assert model.encoder(crops, torch.nonzero(~mask)[:, 1][None]).shape == (1, 1 + cfg.n_visible, cfg.encoder_dim)
 
 
+def test_the_mask_is_an_argument_and_none_leaves_every_patch_visible():
+    cfg = model_config("tiny", "medgmae-star", **SMALL_CROP)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    crops = torch.rand(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        every = model(crops)
+        assert all(torch.equal(a, b) for a, b in zip(every, model(crops, torch.zeros(2, 64, dtype=torch.bool))))
+        tokens, visible = model.forward_encoder(crops, random_patch_mask([1, 2], 64, 10))  # not cfg's mask_ratio
+    assert tokens.shape == (2, 1 + 54, cfg.encoder_dim) and visible.shape == (2, 54)
+    ragged = torch.zeros(2, 64, dtype=torch.bool)
+    ragged[0, :5] = True
+    for bad in (ragged, torch.ones(2, 64, dtype=torch.bool), torch.zeros(2, 63, dtype=torch.bool)):
+        with pytest.raises(InputError, match="mask"):
+            model(crops, bad)
+
+
 def test_mask_is_per_sample_and_exact():
     m = random_patch_mask([1, 2, 1], 512, 384)
     assert m.shape == (3, 512) and m.sum(1).tolist() == [384, 384, 384]
@@ -176,7 +194,7 @@ def _brute_force_render(g: CropGaussians, size: int) -> torch.Tensor:
     pts = torch.stack([xx, yy, zz], -1).reshape(-1, 3)
     out = []
     for b in range(g.means.shape[0]):
-        rot = quaternion_to_matrix(g.quats[b].double())
+        rot = quaternion_to_rotation(g.quats[b].double())
         cov = rot @ torch.diag_embed(g.scales[b].double() ** 2) @ rot.transpose(-1, -2)
         d = pts[:, None, :] - g.means[b].double()[None]
         q = torch.einsum("mni,nij,mnj->mn", d, torch.linalg.inv(cov), d)
@@ -200,20 +218,20 @@ def test_masked_loss_is_mse_on_masked_voxels_only():
     voxels = patch_mask_to_voxels(mask, 8, 4)
     rendered = _brute_force_render(g, 32)
     expected = ((rendered - crops.double())[voxels] ** 2).mean()
-    loss = model.loss_from_gaussians(g, crops, mask)
+    loss = model.forward_loss(crops, g, mask)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
     changed = crops.clone()
     changed[~voxels] = torch.rand(int((~voxels).sum()))
-    assert model.loss_from_gaussians(g, changed, mask).item() == pytest.approx(loss.item(), rel=1e-6)
+    assert model.forward_loss(changed, g, mask).item() == pytest.approx(loss.item(), rel=1e-6)
     changed = crops.clone()
     changed[voxels] += 0.5
-    assert abs(model.loss_from_gaussians(g, changed, mask).item() - loss.item()) > 1e-3
+    assert abs(model.forward_loss(changed, g, mask).item() - loss.item()) > 1e-3
 
 
 def test_sparse_point_rendering_gives_the_same_loss():
     model, crops, mask, g = _loss_case()
-    dense = model.loss_from_gaussians(g, crops, mask)
-    sparse = build_model(model.cfg.replace(render="points")).loss_from_gaussians(g, crops, mask)
+    dense = model.forward_loss(crops, g, mask)
+    sparse = build_model(model.cfg.replace(render="points")).forward_loss(crops, g, mask)
     assert sparse.item() == pytest.approx(dense.item(), rel=1e-5)
 
 
@@ -221,7 +239,7 @@ def test_public_code_loss_variant():
     model, crops, mask, g = _loss_case(loss="zeroed-visible")
     voxels = patch_mask_to_voxels(mask, 8, 4)
     expected = ((_brute_force_render(g, 32) - crops.double() * voxels) ** 2).mean()
-    assert model.loss_from_gaussians(g, crops, mask).item() == pytest.approx(expected.item(), rel=1e-4)
+    assert model.forward_loss(crops, g, mask).item() == pytest.approx(expected.item(), rel=1e-4)
 
 
 def test_voxel_mae_loss_is_mse_on_masked_patches():
@@ -277,12 +295,12 @@ def _random_gaussians(n, seed=0):
 
 def test_quaternion_matrix_round_trip():
     _, _, quats, _ = _random_gaussians(200)
-    rot = quaternion_to_matrix(quats)
+    rot = quaternion_to_rotation(quats)
     assert torch.allclose(rot @ rot.transpose(-1, -2), torch.eye(3, dtype=torch.float64).expand(200, 3, 3), atol=1e-12)
-    assert torch.allclose(quaternion_to_matrix(matrix_to_quaternion(rot)), rot, atol=1e-10)
+    assert torch.allclose(quaternion_to_rotation(matrix_to_quaternion(rot)), rot, atol=1e-10)
     half_turns = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
-    assert torch.allclose(quaternion_to_matrix(matrix_to_quaternion(quaternion_to_matrix(half_turns))),
-                          quaternion_to_matrix(half_turns), atol=1e-12)
+    assert torch.allclose(quaternion_to_rotation(matrix_to_quaternion(quaternion_to_rotation(half_turns))),
+                          quaternion_to_rotation(half_turns), atol=1e-12)
 
 
 def test_block_to_world_preserves_field_values_for_anisotropic_blocks():
@@ -299,7 +317,7 @@ def test_block_to_world_preserves_field_values_for_anisotropic_blocks():
     world_pts = torch.as_tensor(block.bounds()[0]) + pts * size
 
     def field(p, m, s, q, i):
-        rot = quaternion_to_matrix(q)
+        rot = quaternion_to_rotation(q)
         prec = torch.linalg.inv(rot @ torch.diag_embed(s ** 2) @ rot.transpose(-1, -2))
         d = p[:, None] - m[None]
         return (i * torch.exp(-0.5 * torch.einsum("pni,nij,pnj->pn", d, prec, d))).sum(1)

@@ -13,8 +13,9 @@ from ctrecon.core.geometry import ConeBeamGeometry, VolumeGeometry
 from ctrecon.core.io import Scan, save_scan
 from ctrecon.core.phantoms import Ellipsoid, ellipsoid_volume
 from ctrecon.operators.projector import Projector
-from ctrecon.pipeline.reconstruct import (NonFiniteLossError, ReconstructConfig, _ViewCycle, coarse_lattice, learning_rates,
-                                          projection_ssim, reconstruct, total_variation)
+from ctrecon.methods.gaussians import DensityStrategy
+from ctrecon.pipeline.reconstruct import (SECTIONS, NonFiniteLossError, ReconstructConfig, _ViewCycle, coarse_lattice,
+                                          learning_rates, projection_ssim, reconstruct, total_variation)
 
 from cli_helpers import run_cli
 
@@ -36,9 +37,9 @@ def scan():
 
 
 def small_config(**changes):
-    settings = dict(iterations=60, n_gaussians=500, max_gaussians=1000, eval_every=20, densify=False)
+    settings = dict(iterations=60, n_gaussians=500, max_gaussians=1000, eval_every=20, strategy=None)
     settings.update(changes)
-    return ReconstructConfig(**settings)
+    return ReconstructConfig.from_dict(settings)
 
 
 def test_loop_lowers_loss_and_beats_the_fbp_initialisation(scan):
@@ -77,7 +78,7 @@ def test_random_views_are_seeded_and_cover_every_view(scan):
 
 def test_densify_and_prune_change_the_count_within_the_cap(scan):
     counts = []
-    config = small_config(iterations=50, n_gaussians=200, max_gaussians=240, densify=True, densify_from=10,
+    config = small_config(iterations=50, n_gaussians=200, max_gaussians=240, strategy="3dgr", densify_from=10,
                           densify_until=45, densify_every=10, eval_every=25, densify_grad_quantile=0.8)
     result = reconstruct(scan, config=config, seed=0, callback=lambda p: counts.append(p.n_gaussians))
     assert counts[0] == 200
@@ -86,6 +87,25 @@ def test_densify_and_prune_change_the_count_within_the_cap(scan):
     changes = [i for i in range(1, len(counts)) if counts[i] != counts[i - 1]]
     # callback index == iteration; it reports before that iteration's density control
     assert set(changes) <= {11, 21, 31, 41}
+
+
+def test_the_loop_drives_the_density_strategy_only_through_its_hooks(scan, monkeypatch):
+    assert reconstruct(scan, config=small_config(iterations=3, n_gaussians=200), seed=0).timing["densify"] == 0.0
+    calls = []
+
+    class Recorder(DensityStrategy):
+        def step_post_backward(self, field, optimizer, iteration):
+            calls.append(("post_backward", iteration, field.means.grad is not None))
+
+        def step_post_update(self, field, optimizer, iteration):
+            calls.append(("post_update", iteration, field.means.grad is None))
+
+    monkeypatch.setattr(recon_module.DensitySettings, "build", lambda self, volume, generator: Recorder())
+    result = reconstruct(scan, config=small_config(iterations=3, n_gaussians=200, strategy="3dgr"), seed=0)
+    # gradients present after backward, cleared before the update hook; no update after the last step
+    assert calls == [("post_backward", 1, True), ("post_update", 1, True), ("post_backward", 2, True),
+                     ("post_update", 2, True), ("post_backward", 3, True)]
+    assert result.timing["densify"] > 0
 
 
 def test_non_finite_loss_keeps_the_last_good_state(scan):
@@ -153,13 +173,30 @@ def test_learning_rate_schedules_and_config_validation():
     assert learning_rates(60_000, config, 100.0)["means"] == pytest.approx(2e-6 * 100.0)
     assert learning_rates(15_000, config, 1.0)["means"] == pytest.approx(math.sqrt(2e-3 * 2e-6))
     assert learning_rates(15_000, config, 1.0)["intensities"] == 0.05  # constant without a final value
-    decaying = ReconstructConfig(intensity_lr_final=0.005, lr_decay_steps=100)
+    decaying = ReconstructConfig.from_dict({"intensity_lr_final": 0.005, "lr_decay_steps": 100})
     assert learning_rates(50, decaying, 1.0)["intensities"] == pytest.approx(math.sqrt(0.05 * 0.005))
     assert learning_rates(100, decaying, 1.0)["means"] == pytest.approx(2e-6)
     assert ReconstructConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     for bad, message in (({"iterations": 0}, "iterations"), ({"loss": "l3"}, "unknown loss"),
                          ({"max_gaussians": 10, "n_gaussians": 20}, "max_gaussians"), ({"nope": 1}, "unknown"),
                          ({"scale_lr_final": -1.0}, "scale_lr_final")):
+        with pytest.raises(InputError, match=message):
+            ReconstructConfig.from_dict(bad)
+
+
+def test_config_sections_read_nested_flat_and_old_files():
+    nested = ReconstructConfig.from_dict({"schedule": {"iterations": 200, "views_per_iter": 10},
+                                          "density": {"strategy": None}})
+    old = ReconstructConfig.from_dict({"iterations": 200, "views_per_iter": 10, "densify": False})  # a flat file
+    assert nested == old and nested.schedule.iterations == 200 and nested.density.strategy is None
+    assert list(old.to_dict()) == list(SECTIONS) and old.to_dict()["schedule"]["views_per_iter"] == 10
+    assert ReconstructConfig.from_dict({"densify": True}).density.strategy == "3dgr"
+    assert ReconstructConfig.from_dict({"optimizer": {"loss": "l1"}, "eval_every": 7}).evaluation.eval_every == 7
+    for bad, message in (({"schedule": {"eval_every": 5}}, r"unknown reconstruction setting\(s\): schedule.eval_every"),
+                         ({"iterations": 5, "schedule": {"iterations": 6}}, "iterations is given twice"),
+                         ({"schedule": 5}, "'schedule' must be an object"),
+                         ({"strategy": "mcmc"}, "unknown density strategy 'mcmc'"),
+                         ({"density": {"densify_every": 0}}, "densify_every must be a positive integer")):
         with pytest.raises(InputError, match=message):
             ReconstructConfig.from_dict(bad)
 
@@ -207,7 +244,7 @@ def test_cli_writes_every_file_with_the_metrics_contract(scan_file, tmp_path):
         assert set(record) == {"iteration", "seconds", "loss", "psnr", "ssim3d", "ssim_slice", "n_gaussians"}
     assert metrics["views"] == N_VIEWS and metrics["case"] == "ellipsoids"
     config = json.loads((out / "config.json").read_text())
-    assert config["config"]["views_per_iter"] == 10 and config["config"]["iterations"] == 20
+    assert config["config"]["schedule"]["views_per_iter"] == 10 and config["config"]["schedule"]["iterations"] == 20
 
     from ctrecon.methods.gaussians import GaussianField
     from ctrecon.core.io import load_volume

@@ -1,4 +1,5 @@
-"""Report on synthetic runs: group statistics, never-reached thresholds, paired t-tests, files, CLI."""
+"""Report on synthetic runs: group statistics, never-reached thresholds, paired t-tests, files, CLI; and the
+run folders themselves (ctrecon.pipeline.runs), written and read back."""
 import csv
 import json
 import os
@@ -8,7 +9,8 @@ import pytest
 from scipy import stats
 
 from ctrecon.core.errors import InputError
-from ctrecon.pipeline.report import build_report, load_run
+from ctrecon.pipeline.report import build_report
+from ctrecon.pipeline.runs import RUN_FILES, load_run, write_run
 
 CASES = ("case_a", "case_b", "case_c")
 
@@ -169,3 +171,32 @@ def test_cli_report(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["report", str(tmp_path / "nope"), "--out", str(out)])
     assert exit_info.value.code == 2
+
+
+def test_run_folder_written_is_read_back(tmp_path):
+    """write_run's folder, read by load_run: the same metrics, views and case, and the volume."""
+    import torch
+
+    from ctrecon.core.geometry import ConeBeamGeometry, VolumeGeometry
+    from ctrecon.core.io import Scan
+    from ctrecon.core.phantoms import Ellipsoid, ellipsoid_volume
+    from ctrecon.operators.projector import Projector
+    from ctrecon.pipeline.reconstruct import ReconstructConfig, reconstruct
+
+    grid = VolumeGeometry((12, 12, 12), (2.0, 2.0, 2.0))
+    geometry = ConeBeamGeometry.covering(grid, n_views=12)
+    truth = ellipsoid_volume([Ellipsoid((0.0, 0.0, 0.0), (8.0, 7.0, 6.0), 0.25)], grid)
+    scan = Scan(Projector(geometry)(torch.as_tensor(truth)).numpy(), geometry.angles, geometry, truth)
+    config = ReconstructConfig.from_dict({"iterations": 2, "n_gaussians": 50, "max_gaussians": 100, "eval_every": 1})
+    result = reconstruct(scan, init="fbp", config=config, seed=0)
+    out = tmp_path / "run"
+    write_run(str(out), result, scan, scan_file="/scans/phantom.npz", source="phantom", case="phantom", seed=0,
+              device="cpu", prior=None)
+    assert sorted(os.listdir(out)) == sorted(RUN_FILES)
+    run = load_run(str(out))
+    assert (run.init, run.views, run.case) == ("fbp", 12, "phantom")
+    assert run.metrics == json.loads(json.dumps({**result.to_metrics(), "views": 12, "case": "phantom"}))
+    assert run.final("psnr") == pytest.approx(result.final["psnr"])
+    np.testing.assert_allclose(run.volume(), result.volume.numpy(), rtol=1e-6, atol=1e-7)
+    config_json = json.loads((out / "config.json").read_text())
+    assert config_json["config"] == json.loads(json.dumps(result.config.to_dict())) and config_json["scan"] == "/scans/phantom.npz"

@@ -5,23 +5,29 @@ Most tests use a stand-in prior with a known answer (one Gaussian per crop voxel
 the voxel's value) so that the stitched world field can be checked against a brute-force sum built
 from the voxel grid alone; the seam test uses the shipped prior on the shipped real CT.
 """
+import json
 import math
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from ctrecon.core.geometry import VolumeGeometry
+from ctrecon.core.geometry import ConeBeamGeometry, VolumeGeometry
 from ctrecon.methods.gaussians import GaussianField, get_initializer
-from ctrecon.core.io import load_volume, save_volume
+from ctrecon.core.io import Scan, load_volume, save_scan, save_volume
 from ctrecon.core.units import hu_to_unit
+from ctrecon.operators.projector import Projector
+from ctrecon.operators.voxelize import quaternion_to_rotation
+from ctrecon.pipeline.reconstruct import ReconstructConfig, reconstruct
 from priors.checkpoints import prior_metadata, save_prior
+from priors.defaults import FIELD_OVERLAP, INIT_OVERLAP
 from priors.data import DataConfig
-from priors.gaussian_space import quaternion_to_matrix
 from priors.model import CropGaussians, ModelConfig, build_model
-from priors.zero_shot import (SHIPPED_PRIORS, ZeroShotConfig, infer_field, load_zero_shot_prior,
-                              register_prior_initializers, window_layout)
+from priors.zero_shot import SHIPPED_PRIORS, PriorInit, ZeroShotConfig, infer_field, load_zero_shot_prior, window_layout
 
 from cli_helpers import run_cli
 
@@ -32,7 +38,7 @@ SHIPPED = REPO / "data" / "priors"
 
 class VoxelPrior(torch.nn.Module):
     """Stand-in prior: a Gaussian at every crop voxel centre, intensity ``gain``·value, σ ``sigma_voxels``
-    (body axes, voxels) rotated by ``quat``, all in crop units. Requires an all-visible mask."""
+    (body axes, voxels) rotated by ``quat``, all in crop units. Requires every patch visible (no mask)."""
 
     def __init__(self, crop: int, sigma_voxels=(0.6, 0.6, 0.6), quat=(1.0, 0.0, 0.0, 0.0), gain=1.0):
         super().__init__()
@@ -41,10 +47,10 @@ class VoxelPrior(torch.nn.Module):
         self.sigma = torch.tensor(sigma_voxels) / crop
         self.quat = torch.nn.functional.normalize(torch.tensor(quat, dtype=torch.float32), dim=0)
         self.gain = gain
-        self.batch_sizes = []  # shared with the all-visible view the pipeline makes
+        self.batch_sizes = []
 
-    def forward(self, crops, mask):
-        assert mask.shape == (crops.shape[0], self.cfg.n_patches) and not mask.any()
+    def forward(self, crops, mask=None):
+        assert mask is None
         self.batch_sizes.append(crops.shape[0])
         B, D = crops.shape[0], self.cfg.crop_size
         c = (torch.arange(D, dtype=torch.float32) + 0.5) / D
@@ -93,7 +99,7 @@ def test_stitched_field_equals_brute_force_sum_on_anisotropic_grid():
                                values[index[real, 2], index[real, 1], index[real, 0]], atol=1e-6)
 
     # The rendered field at interior points equals the brute-force sum with Σ = diag(d) R S² Rᵀ diag(d).
-    rot = quaternion_to_matrix(torch.tensor(quat, dtype=torch.float64)).numpy()
+    rot = quaternion_to_rotation(torch.tensor(quat, dtype=torch.float64)).numpy()
     d_xyz = np.array(grid.dVoxel[::-1])
     cov = np.diag(d_xyz) @ rot @ np.diag(s_voxels ** 2) @ rot.T @ np.diag(d_xyz)
     precision = np.linalg.inv(cov)
@@ -222,24 +228,93 @@ def test_levels_batching_and_the_registered_initialisers(tmp_path):
     assert first.metadata["gaussians"]["produced"] == windows * 8
     torch.testing.assert_close(one.render(grid), many.render(grid), atol=1e-5, rtol=1e-4)
 
-    try:
-        register_prior_initializers(star)
-        fdk = unit.clone()
-        field = get_initializer("medgmae-star")(fdk, grid, 10_000, None)
-        inferred = field.metadata["windows"]["inferred"]
-        assert field.metadata["windows"]["stride"] == 8 and inferred > windows  # INIT_OVERLAP 0.5 of 16
-        assert get_initializer("medgmae-star")(fdk, grid, 10_000, None, overlap=0.75).metadata["windows"]["stride"] == 4
-        assert isinstance(field, GaussianField) and field.metadata["gaussians"]["produced"] == inferred * 48
-        level0 = get_initializer("medgmae")(fdk, grid, 10_000, None)
-        assert level0.metadata["gaussians"]["produced"] == inferred * 8
-        assert len(get_initializer("medgmae-star")(fdk, grid, 20, None)) == 20
-        register_prior_initializers(single)
-        with pytest.raises(ValueError, match="needs a MedGMAE\\* prior"):
-            get_initializer("medgmae-star")(fdk, grid, 10_000, None)
-        with pytest.raises(ValueError, match="prior not found"):
-            register_prior_initializers(tmp_path / "missing.pt")
-    finally:
-        register_prior_initializers()
+    fdk = unit.clone()
+    star_init = get_initializer(PriorInit(star, name="medgmae-star"))
+    field = star_init(fdk, grid, 10_000, None)
+    inferred = field.metadata["windows"]["inferred"]
+    assert field.metadata["windows"]["stride"] == 8 and inferred > windows  # INIT_OVERLAP 0.5 of 16
+    assert star_init(fdk, grid, 10_000, None, overlap=0.75).metadata["windows"]["stride"] == 4
+    assert isinstance(field, GaussianField) and field.metadata["gaussians"]["produced"] == inferred * 48
+    level0 = get_initializer(PriorInit(star, name="medgmae"))(fdk, grid, 10_000, None)
+    assert level0.metadata["gaussians"]["produced"] == inferred * 8
+    assert len(star_init(fdk, grid, 20, None)) == 20
+    with pytest.raises(ValueError, match="needs a MedGMAE\\* prior"):
+        get_initializer(PriorInit(single, name="medgmae-star"))(fdk, grid, 10_000, None)
+    with pytest.raises(ValueError, match="prior not found"):
+        PriorInit(tmp_path / "missing.pt")
+
+
+def run_fresh_python(code: str) -> str:
+    """stdout of ``code`` run by a new interpreter from the repository root (nothing imported before)."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_prior_initialisers_are_found_by_name_through_the_one_lazy_hook():
+    """Importing the pipeline imports no ``priors``; the first look-up of a prior initialiser's name
+    does (the hook in ctrecon.methods.gaussians.init), with no import by the caller."""
+    out = run_fresh_python("""
+        import json
+        import sys
+        from ctrecon.pipeline.reconstruct import reconstruct
+        print(sorted(m for m in sys.modules if m == "priors" or m.startswith("priors.")))
+        from ctrecon.methods.gaussians import available_initializers, get_initializer
+        init = get_initializer("medgmae")
+        print(type(init).__module__, type(init).__name__, init.name, init.prior, init.config.overlap)
+        print(json.dumps(available_initializers()))
+    """).splitlines()
+    assert out[0] == "[]"
+    assert out[1] == f"priors.zero_shot PriorInit medgmae None {INIT_OVERLAP}"
+    assert {"fbp", "r2", "medgmae", "medgmae-star"} <= set(json.loads(out[2]))
+
+
+def test_cli_shows_the_overlap_defaults_without_importing_torch():
+    out = run_fresh_python("""
+        import sys
+        from ctrecon.cli import main
+        for command in ("infer", "reconstruct"):
+            try:
+                main([command, "--help"])
+            except SystemExit:
+                pass
+        print("torch imported:", "torch" in sys.modules)
+    """)
+    assert out.splitlines()[-1] == "torch imported: False"
+    help_text = " ".join(out.split())
+    assert f"[default: {FIELD_OVERLAP};" in help_text and f"window overlap, default {INIT_OVERLAP})" in help_text
+
+
+@pytest.fixture()
+def small_scan(tmp_path):
+    """A 16³ volume of smooth bumps (3 mm voxels) and 20 cone-beam views of it."""
+    grid = VolumeGeometry((16, 16, 16), (3.0, 3.0, 3.0))
+    geometry = ConeBeamGeometry.covering(grid, n_views=20)
+    truth = smooth_volume(grid.nVoxel, seed=3)
+    projections = Projector(geometry)(torch.as_tensor(truth)).numpy()
+    return Scan(projections, geometry.angles, geometry, truth, {"case": "bumps"})
+
+
+def test_reconstruct_takes_a_prior_initialiser_and_the_cli_its_checkpoint(tmp_path, small_scan):
+    star = tiny_prior_file(tmp_path / "star.pt")
+    config = ReconstructConfig.from_dict({"iterations": 1, "n_gaussians": 300})
+    result = reconstruct(small_scan, init=PriorInit(star, overlap=0.75), config=config)
+    assert result.init == "medgmae-star" and result.field.metadata["windows"]["stride"] == 4  # 0.75 of 16
+    assert result.field.metadata["zero_shot"]["overlap"] == 0.75
+
+    scan_path, run = tmp_path / "scan.npz", tmp_path / "run"
+    save_scan(scan_path, small_scan)
+    code, stdout, stderr = run_cli(["reconstruct", scan_path, "--init", "medgmae", "--prior", star, "--iters", "1",
+                                    "--n-gaussians", "300", "--out", run, "--device", "cpu"])
+    assert code == 0, stderr
+    recorded = json.loads((run / "config.json").read_text())
+    assert recorded["init"] == "medgmae" and recorded["prior"] == str(star)
+    field = GaussianField.load(run / "gaussians.npz")
+    assert field.metadata["zero_shot"]["levels"] == "first" and field.metadata["windows"]["stride"] == 8
+    code, _, stderr = run_cli(["reconstruct", scan_path, "--init", "medgmae", "--prior", tmp_path / "no.pt",
+                               "--out", tmp_path / "run2"])
+    assert code == 2 and "prior not found" in stderr and not (tmp_path / "run2").exists()
 
 
 def plane_errors(rendered: np.ndarray, reference: np.ndarray, axis: int) -> np.ndarray:

@@ -2,11 +2,11 @@
 every initialisation (3DGR-CT) and compare the runs with the convergence report (library; no printing).
 
     summary = run_benchmark(["ct.nii.gz"], views=(80, 120, 160), inits=("fbp", "medgmae", "medgmae-star"),
-                            config=ReconstructConfig(iterations=3000), out="bench/")
+                            config=ReconstructConfig.from_dict({"iterations": 3000}), out="bench/")
 
-Prior initialisers ("medgmae", "medgmae-star") must be registered first
-(``priors.zero_shot.register_prior_initializers``; ``ctrecon benchmark`` does it), so that ``ctrecon``
-itself never imports ``priors``.
+``inits`` are initialisers by name ("fbp", "medgmae", ...) or themselves (e.g.
+``priors.zero_shot.PriorInit(checkpoint, name="medgmae-star")``), each recorded under its
+:func:`ctrecon.methods.gaussians.initializer_name`.
 
 Output folder ``out``: ``scans/<case>_v<views>.npz`` (the simulated scans), ``runs/<case>_v<views>_<init>/``
 (run folders as ``ctrecon reconstruct`` writes them), ``report/`` (as ``ctrecon report`` writes it) and
@@ -15,7 +15,6 @@ Output folder ``out``: ``scans/<case>_v<views>.npz`` (the simulated scans), ``ru
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -28,7 +27,7 @@ __all__ = ["BenchmarkEvent", "case_name", "run_benchmark"]
 @dataclasses.dataclass
 class BenchmarkEvent:
     """What ``events`` receives: ``kind`` is "scan" (a case simulated at ``views``), "run_start",
-    "iteration" (``progress``: a :class:`ctrecon.reconstruct.Progress`), "run_end" (``result``) or
+    "iteration" (``progress``: a :class:`ctrecon.pipeline.reconstruct.Progress`), "run_end" (``result``) or
     "report" (``path``: the report folder)."""
 
     kind: str
@@ -51,7 +50,7 @@ def case_name(path) -> str:
 
 
 def _checked(cases, views, inits) -> tuple:
-    from ctrecon.methods.gaussians import get_initializer
+    from ctrecon.methods.gaussians import get_initializer, initializer_name
 
     cases = [str(c) for c in cases]
     if not cases:
@@ -62,23 +61,22 @@ def _checked(cases, views, inits) -> tuple:
     views = tuple(int(v) for v in views)
     if not views or any(v < 1 for v in views) or len(set(views)) != len(views):
         raise InputError(f"views must be distinct positive integers, got {views}")
-    inits = tuple(inits)
-    if not inits or len(set(inits)) != len(inits):
-        raise InputError(f"inits must be distinct initialiser names, got {inits}")
+    labels = tuple(initializer_name(init) for init in inits)
+    if not labels or len(set(labels)) != len(labels):
+        raise InputError(f"inits must be distinct initialisers, got {labels}")
     for init in inits:
         get_initializer(init)  # InputError listing the known names
-    return cases, names, views, inits
+    return cases, names, views, dict(zip(labels, inits))
 
 
-def run_benchmark(cases: Sequence, views: Sequence[int], inits: Sequence[str], config, out, *, device="cpu",
+def run_benchmark(cases: Sequence, views: Sequence[int], inits: Sequence, config, out, *, device="cpu",
                   seed: int = 0, crop=None, shape=None, spacing=None, priors: Optional[dict] = None,
-                  events: Optional[Callable[[BenchmarkEvent], None]] = None,
-                  write_run: Optional[Callable] = None) -> dict:
+                  events: Optional[Callable[[BenchmarkEvent], None]] = None) -> dict:
     """Run the benchmark (see the module docstring); returns the report's content (``build_report``)
     plus ``benchmark`` (what ``benchmark.json`` holds).
 
     cases: CT volume paths (HU; NIfTI, DICOM folder, .npy/.npz). config: a
-    :class:`ctrecon.reconstruct.ReconstructConfig` shared by every run. crop: (Z, Y, X) voxels, the
+    :class:`ctrecon.pipeline.reconstruct.ReconstructConfig` shared by every run. crop: (Z, Y, X) voxels, the
     centre of each case (cut first). shape / spacing: resample each case before simulating (as
     ``ctrecon simulate --shape/--spacing``). priors: init name → prior file
     (recorded in each run's config.json). Every scan of a case uses the same ``seed``; a run that
@@ -88,10 +86,9 @@ def run_benchmark(cases: Sequence, views: Sequence[int], inits: Sequence[str], c
     from ctrecon.pipeline.reconstruct import NonFiniteLossError
     from ctrecon.pipeline.reconstruct import reconstruct as run_reconstruct
     from ctrecon.pipeline.report import build_report
+    from ctrecon.pipeline.runs import write_run
     from ctrecon.pipeline.simulate import simulate_scan
 
-    if write_run is None:
-        from ctrecon.cli import _write_run as write_run
     cases, names, views, inits = _checked(cases, views, inits)
     config = config.validate()
     out = Path(out)
@@ -111,21 +108,18 @@ def run_benchmark(cases: Sequence, views: Sequence[int], inits: Sequence[str], c
             scan_path.parent.mkdir(parents=True, exist_ok=True)
             save_scan(scan_path, scan)
             notify(BenchmarkEvent("scan", name, n_views, path=str(scan_path)))
-            for init in inits:
+            for init, initializer in inits.items():
                 notify(BenchmarkEvent("run_start", name, n_views, init))
                 callback = (lambda p, n=name, v=n_views, i=init: notify(BenchmarkEvent("iteration", n, v, i, p)))
                 try:
-                    result = run_reconstruct(scan, init=init, config=config, device=device, seed=seed,
+                    result = run_reconstruct(scan, init=initializer, config=config, device=device, seed=seed,
                                              callback=callback)
                 except NonFiniteLossError as err:
                     result = err.result
                     failures.append({"case": name, "views": n_views, "init": init, "error": str(err)})
                 run_dir = out / "runs" / f"{name}_v{n_views}_{init}"
-                extra = {"scan": str(scan_path.resolve()), "source": str(path), "case": name,
-                         "units": "unit attenuation (HU + 1024) / 4095", "views": n_views, "seed": seed,
-                         "device": str(device), "init_gaussians": None, "prior": (priors or {}).get(init),
-                         "geometry": scan.geometry.to_dict(include_angles=False)}
-                write_run(str(run_dir), result, scan, extra)
+                write_run(str(run_dir), result, scan, scan_file=str(scan_path.resolve()), source=str(path), case=name,
+                          seed=seed, device=device, prior=(priors or {}).get(init))
                 run_dirs.append(str(run_dir))
                 notify(BenchmarkEvent("run_end", name, n_views, init, result=result, path=str(run_dir)))
     report_dir = out / "report"

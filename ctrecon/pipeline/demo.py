@@ -1,7 +1,7 @@
 """The main job on the shipped case (DESIGN.md §6): real CT → 120-view cone-beam scan → FDK → three
 initialisations (3DGR-CT's fbp, zero-shot MedGMAE, zero-shot MedGMAE*) → 3DGR-CT → a short report.
 
-    summary = run_demo("ctrecon_demo/", device="cpu")   # priors registered first (ctrecon demo does it)
+    summary = run_demo("ctrecon_demo/", device="cpu")   # the prior initialisers by name, shipped priors
 
 Profiles (the case is ``data/sample_abdomen_small.nii.gz``, 122×101×30 voxels at 3 mm, CC BY 4.0):
 
@@ -17,16 +17,15 @@ initialisation's result), ``summary.md`` and ``summary.json``.
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Callable, Optional
 
 from ctrecon.core.errors import InputError
+from ctrecon.core.paths import data_file
 
 __all__ = ["DEMO_CASE", "DEMO_INITS", "DEMO_VIEWS", "CPU_ITERATIONS", "FULL_ITERATIONS", "demo_config", "run_demo"]
 
-DEMO_CASE = Path(__file__).resolve().parents[2] / "data" / "sample_abdomen_small.nii.gz"
+DEMO_CASE = data_file("sample_abdomen_small.nii.gz")
 DEMO_INITS = ("fbp", "medgmae", "medgmae-star")
 DEMO_VIEWS = 120
 CPU_ITERATIONS = 150
@@ -35,17 +34,17 @@ CPU_CROP = (24, 64, 64)  # Z, Y, X voxels around the centre of the case
 
 
 def demo_config(profile: str, iterations: Optional[int] = None):
-    """The :class:`ctrecon.reconstruct.ReconstructConfig` of a profile ("cpu" or "full")."""
+    """The :class:`ctrecon.pipeline.reconstruct.ReconstructConfig` of a profile ("cpu" or "full")."""
     from ctrecon.pipeline.reconstruct import ReconstructConfig
 
     if profile == "cpu":
         n = iterations or CPU_ITERATIONS
-        return ReconstructConfig(iterations=n, views_per_iter=10, n_gaussians=5_000,
-                                 eval_every=max(1, min(25, n // 6))).validate()
+        return ReconstructConfig.from_dict({"iterations": n, "views_per_iter": 10, "n_gaussians": 5_000,
+                                            "eval_every": max(1, min(25, n // 6))})
     if profile == "full":
         n = iterations or FULL_ITERATIONS
-        return ReconstructConfig(iterations=n, views_per_iter=0, n_gaussians=50_000,
-                                 eval_every=max(1, min(100, n // 10))).validate()
+        return ReconstructConfig.from_dict({"iterations": n, "views_per_iter": 0, "n_gaussians": 50_000,
+                                            "eval_every": max(1, min(100, n // 10))})
     raise InputError(f"unknown demo profile {profile!r} (use cpu or full)")
 
 
@@ -55,7 +54,7 @@ def _case_volume(profile: str, folder: Path, crop=CPU_CROP) -> Path:
     from ctrecon.core.io import read_volume, save_volume
 
     if not DEMO_CASE.is_file():
-        raise InputError(f"the shipped demo case {DEMO_CASE} is missing (a broken checkout?)")
+        raise InputError(f"the shipped demo case {DEMO_CASE} is missing (a broken installation or checkout?)")
     source = read_volume(DEMO_CASE)
     name = "sample_abdomen_small"
     if profile == "cpu":
@@ -94,21 +93,20 @@ def _threshold_text(hit) -> str:
 
 
 def run_demo(out, *, device="cpu", profile: Optional[str] = None, iterations: Optional[int] = None,
-             crop=CPU_CROP, seed: int = 0, priors: Optional[dict] = None, events: Optional[Callable] = None,
-             write_run: Optional[Callable] = None) -> dict:
+             crop=CPU_CROP, seed: int = 0, priors: Optional[dict] = None, events: Optional[Callable] = None) -> dict:
     """Run the demo into ``out``; returns the content of ``summary.json`` (plus ``markdown``).
 
     profile: "cpu" or "full" (default: "full" on a CUDA device, else "cpu"). iterations: override the
     profile's count. crop: the "cpu" profile's centre crop (Z, Y, X voxels). priors: init name →
-    prior file, recorded in the runs. ``events`` and
-    ``write_run`` are passed to :func:`ctrecon.benchmark.run_benchmark`.
+    prior file, recorded in the runs. ``events`` is passed to :func:`ctrecon.pipeline.benchmark.run_benchmark`.
     """
     import torch
 
     from ctrecon.pipeline.benchmark import run_benchmark
     from ctrecon.operators.fdk import fdk
-    from ctrecon.core.io import atomic_output, load_scan, read_volume, write_json
+    from ctrecon.core.io import atomic_output, load_scan, write_json
     from ctrecon.pipeline.metrics import evaluate
+    from ctrecon.pipeline.runs import load_run
 
     device = torch.device(device)
     profile = profile or ("full" if device.type == "cuda" else "cpu")
@@ -118,7 +116,7 @@ def run_demo(out, *, device="cpu", profile: Optional[str] = None, iterations: Op
         raise InputError(f"--out {out} exists and is not a folder")
     case = _case_volume(profile, out / "case", crop)
     result = run_benchmark([case], [DEMO_VIEWS], DEMO_INITS, config, out, device=device, seed=seed, priors=priors,
-                           events=events, write_run=write_run)
+                           events=events)
     bench = result["benchmark"]
     scan = load_scan(out / "scans" / f"{bench['case_names'][0]}_v{DEMO_VIEWS}.npz")
     fdk_volume = fdk(scan.projections, scan.geometry, device=device).cpu().numpy()
@@ -127,15 +125,15 @@ def run_demo(out, *, device="cpu", profile: Optional[str] = None, iterations: Op
 
     rows, panels = [], [("ground truth", truth), (f"FDK {fdk_quality['psnr']:.1f} dB", fdk_volume)]
     for init, run_dir in zip(DEMO_INITS, bench["runs"]):
-        with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as handle:
-            metrics = json.load(handle)
+        run = load_run(run_dir)
+        metrics = run.metrics
         final, start = metrics["final"], metrics["history"][0]
         rows.append({"init": init, "run": run_dir, "init_seconds": metrics["init_seconds"],
                      "initial_psnr": start["psnr"], "iterations": metrics["iterations"],
                      "wall_seconds": metrics["wall_seconds"], "final": final,
                      "n_gaussians_initial": start["n_gaussians"], "n_gaussians_final": metrics["n_gaussians"],
                      "thresholds": metrics["thresholds"]})
-        panels.append((f"{init} {final['psnr']:.1f} dB", read_volume(os.path.join(run_dir, "volume.nii.gz")).array))
+        panels.append((f"{init} {final['psnr']:.1f} dB", run.volume()))
     slices = out / "slices.png"
     _slices_figure(slices, panels)
 
@@ -143,8 +141,8 @@ def run_demo(out, *, device="cpu", profile: Optional[str] = None, iterations: Op
     lines = [f"# ctrecon demo ({profile} profile, {device})", "",
              f"Case: {case.name}, {'x'.join(map(str, g.nVoxel))} voxels (Z, Y, X) at "
              f"{'x'.join(f'{d:g}' for d in g.dVoxel)} mm; {g.n_angles}-view circular cone-beam scan (noiseless); "
-             f"3DGR-CT {config.iterations} iterations, "
-             f"{'all' if config.views_per_iter == 0 else config.views_per_iter} views per iteration.", "",
+             f"3DGR-CT {config.schedule.iterations} iterations, "
+             f"{config.schedule.views_per_iter or 'all'} views per iteration.", "",
              f"FDK: PSNR {fdk_quality['psnr']:.2f} dB, SSIM {fdk_quality['ssim_slice']:.4f} (axial slices, 3DGR-CT) / "
              f"{fdk_quality['ssim3d']:.4f} (3-D).", "",
              "| init | Gaussians (start) | init s | PSNR at start | final PSNR (dB) | final SSIM slice / 3-D | "

@@ -1,15 +1,28 @@
 """3DGR-CT: fit a 3-D Gaussian field to cone-beam projections (library; no printing).
 
-    result = reconstruct(scan, init="fbp", config=ReconstructConfig(iterations=2000), device="cpu", seed=0)
+    config = ReconstructConfig.from_dict({"iterations": 2000, "views_per_iter": 10})
+    result = reconstruct(scan, init="fbp", config=config, device="cpu", seed=0)
     result.volume        # [Z, Y, X] unit attenuation (CPU float32)
     result.to_metrics()  # the content of a run's metrics.json
 
-One iteration (3DGR-CT, ``train_ct_recon.py``): voxelise the Gaussians on the scan's grid → project
-with the cone-beam projector → loss against the measured projections → backward → Adam step →
-adaptive density control. The pieces:
+The algorithm (3DGR-CT, ``train_ct_recon.py``), as :func:`reconstruct` runs it over a :class:`Trainer`::
 
-* **Initialisation**: FDK of the scan, then a registered initialiser (:func:`gaussians.get_initializer`:
-  "fbp" = 3DGR-CT's, "r2" = R²-Gaussian's, or a prior's), or a ready field (``init_field``).
+    field ← initialiser(FDK(scan))                    # or a ready field (a prior's)
+    evaluate(0)
+    for t = 1 … iterations:
+        step(t):     voxelise the Gaussians on the grid → project (K views) → loss → backward
+                     (→ strategy.step_post_backward) → Adam step
+        evaluate(t)  every eval_every iterations and at the end; stop on a target
+        control_density(t): strategy.step_post_update (clone / split / prune), except after the last step
+
+Settings (:class:`ReconstructConfig`) come in sections: ``gaussians`` (initial count, initialiser
+options, truncation radius), ``schedule`` (iterations, views per iteration, coarse stage, learning-rate
+decay length), ``optimizer`` (loss terms, learning rates), ``density`` (strategy, its schedule and
+rules, the cap), ``evaluation`` (when, thresholds, timing) and ``stopping``. The pieces:
+
+* **Initialisation**: FDK of the scan, then an initialiser, by name or itself
+  (:func:`gaussians.get_initializer`: "fbp" = 3DGR-CT's, "r2" = R²-Gaussian's, or a prior's), or a
+  ready field (``init_field``).
 * **Optimiser**: Adam (eps 1e-15) with 3DGR-CT's per-parameter learning rates: centres 2e-3 decaying
   log-linearly to 2e-6 over ``lr_decay_steps`` = 30 000 steps (3DGR-CT ``position_lr_*``; afterwards it
   stays at the final value), intensities 0.05, log-scales 5e-3, quaternions 1e-3, constant as in
@@ -29,12 +42,14 @@ adaptive density control. The pieces:
   k::2), cycling with the iteration) and projected with a projector of that coarse grid against the
   *measured* projections (3DGR-CT compares with projections of the sub-sampled ground truth, which a
   real scan does not have). 8× fewer voxels per render. Off by default.
-* **Density control** (:class:`gaussians.DensityController`): clone/split by mean centre-gradient
-  norm every ``densify_every`` iterations in [``densify_from``, ``densify_until``), pruning of faint and
-  degenerate Gaussians; the count never exceeds ``max_gaussians``.
+* **Density control**: a :class:`gaussians.DensityStrategy` named by ``density.strategy``, which the
+  loop only drives through its two hooks. "3dgr" (:class:`gaussians.QuantileSplitCloneStrategy`, the
+  default): clone/split by mean centre-gradient norm every ``densify_every`` iterations in
+  [``densify_from``, ``densify_until``), pruning of faint and degenerate Gaussians; the count never
+  exceeds ``max_gaussians``. None or "none": the count stays fixed.
 * **Evaluation** every ``eval_every`` iterations (and at 0 and at the end) against
   ``scan.ground_truth`` when present: PSNR, 3-D SSIM and the 3DGR-CT slice SSIM
-  (:mod:`ctrecon.metrics`), and the first iteration/seconds at which PSNR ≥ ``psnr_threshold`` and
+  (:mod:`ctrecon.pipeline.metrics`), and the first iteration/seconds at which PSNR ≥ ``psnr_threshold`` and
   SSIM (``ssim_threshold_metric``) ≥ ``ssim_threshold``. Seconds are optimisation wall-clock time with
   evaluation excluded (evaluation time is summed separately in ``eval_seconds``).
 * **Timing split** per phase (render, project, backward = loss + backward + Adam step, densify),
@@ -62,27 +77,43 @@ import torch.nn.functional as F
 
 from ctrecon.core.errors import InputError
 from ctrecon.core.geometry import VolumeGeometry
+from ctrecon.operators.projector import Projector
 
-__all__ = ["ReconstructConfig", "ReconstructResult", "Progress", "NonFiniteLossError", "reconstruct",
-           "learning_rates", "coarse_lattice", "LOSSES", "TIMING_PHASES"]
+__all__ = ["ReconstructConfig", "GaussianSettings", "ScheduleSettings", "OptimizerSettings", "DensitySettings",
+           "EvaluationSettings", "StoppingSettings", "SECTIONS", "Trainer", "ReconstructResult", "Progress",
+           "NonFiniteLossError", "reconstruct", "learning_rates", "coarse_lattice", "LOSSES", "DENSITY_STRATEGIES",
+           "TIMING_PHASES"]
 
 LOSSES = ("mse", "l1")
+DENSITY_STRATEGIES = ("3dgr",)  # density.strategy: gaussians.QuantileSplitCloneStrategy
 SSIM_METRICS = ("ssim_slice", "ssim3d")
 TIMING_PHASES = ("render", "project", "backward", "densify")
 
 
 @dataclasses.dataclass
-class ReconstructConfig:
-    """Settings of :func:`reconstruct` (JSON-serialisable; defaults follow 3DGR-CT where it has one).
+class GaussianSettings:
+    """The Gaussian field: its initial count, the initialiser's options and the truncation radius."""
 
-    Learning rates are Adam step sizes: ``position_lr_*`` in units of the volume's largest side,
-    the others on the raw parameters (log-σ, quaternion, pre-activation intensity).
-    """
-
-    iterations: int = 15_000
     n_gaussians: int = 50_000            # initial count (given to the initialiser)
     init_options: dict = dataclasses.field(default_factory=dict)  # keyword options of the initialiser
+    k_sigma: float = 3.0                 # truncation radius of every render, σ of the largest axis
+
+
+@dataclasses.dataclass
+class ScheduleSettings:
+    """How long, how many views per step, the coarse stage and the learning-rate decay length."""
+
+    iterations: int = 15_000
     views_per_iter: int = 0              # 0: all views every iteration (3DGR-CT)
+    coarse_iterations: int = 0           # half-resolution stage length (3DGR-CT low_reso_stage)
+    lr_decay_steps: int = 30_000         # log-linear decay length of every rate that has a final value
+
+
+@dataclasses.dataclass
+class OptimizerSettings:
+    """The loss and Adam's step sizes: ``position_lr_*`` in units of the volume's largest side, the
+    others on the raw parameters (log-σ, quaternion, pre-activation intensity)."""
+
     loss: str = "mse"                    # data term: "mse" (3DGR-CT) or "l1" (R²-Gaussian)
     lambda_dssim: float = 0.0            # weight of 1 - SSIM over projection images
     lambda_tv: float = 0.0               # weight of 3-D TV of the rendered volume
@@ -94,75 +125,158 @@ class ReconstructConfig:
     scale_lr_final: Optional[float] = None
     rotation_lr: float = 1e-3
     rotation_lr_final: Optional[float] = None
-    lr_decay_steps: int = 30_000          # log-linear decay length of every rate that has a final value
-    coarse_iterations: int = 0           # half-resolution stage length (3DGR-CT low_reso_stage)
-    densify: bool = True
+
+
+@dataclasses.dataclass
+class DensitySettings:
+    """Density control: the strategy (:data:`DENSITY_STRATEGIES`; None or "none": a fixed count), its
+    schedule and rules, and the cap on the count."""
+
+    strategy: Optional[str] = "3dgr"
     densify_every: int = 100
     densify_from: int = 500
     densify_until: int = 7_500
     densify_grad_quantile: float = 0.95  # densify Gaussians above this quantile of mean centre gradients
     max_gaussians: int = 200_000
     prune_min_intensity: float = 1e-5
-    k_sigma: float = 3.0
+
+    def build(self, volume: VolumeGeometry, generator: torch.Generator):
+        """The :class:`gaussians.DensityStrategy` these settings name for ``volume`` (None: no density control);
+        ``generator`` draws its random samples."""
+        from ctrecon.methods.gaussians import QuantileSplitCloneStrategy
+
+        if self.strategy in (None, "none"):
+            return None
+        return QuantileSplitCloneStrategy.for_volume(
+            volume, densify_every=self.densify_every, start=self.densify_from, stop=self.densify_until,
+            max_gaussians=self.max_gaussians, grad_quantile=self.densify_grad_quantile,
+            prune_intensity=self.prune_min_intensity, generator=generator)
+
+
+@dataclasses.dataclass
+class EvaluationSettings:
+    """When the volume is evaluated, the convergence thresholds, and the per-phase timing."""
+
     eval_every: int = 100
     psnr_threshold: float = 35.0
     ssim_threshold: float = 0.90
     ssim_threshold_metric: str = "ssim_slice"
-    stop_at_psnr: Optional[float] = None  # stop once PSNR ≥ this (off by default)
+    time_phases: bool = False            # CUDA only: synchronise around each phase for the split
+
+
+@dataclasses.dataclass
+class StoppingSettings:
+    """Early stops (off by default)."""
+
+    stop_at_psnr: Optional[float] = None  # stop once PSNR ≥ this
     stop_at_thresholds: bool = False      # stop once both thresholds are reached
-    time_phases: bool = False             # CUDA only: synchronise around each phase for the split
+
+
+SECTIONS = {"gaussians": GaussianSettings, "schedule": ScheduleSettings, "optimizer": OptimizerSettings,
+            "density": DensitySettings, "evaluation": EvaluationSettings, "stopping": StoppingSettings}
+_SECTION_OF = {f.name: section for section, kind in SECTIONS.items() for f in dataclasses.fields(kind)}
+
+
+@dataclasses.dataclass
+class ReconstructConfig:
+    """Settings of :func:`reconstruct` in the sections of :data:`SECTIONS` (JSON-serialisable; defaults
+    follow 3DGR-CT where it has one). Every setting has a name unique over the sections, so
+    ``from_dict`` also reads it flat: ``ReconstructConfig.from_dict({"iterations": 200, "views_per_iter": 10})``.
+    """
+
+    gaussians: GaussianSettings = dataclasses.field(default_factory=GaussianSettings)
+    schedule: ScheduleSettings = dataclasses.field(default_factory=ScheduleSettings)
+    optimizer: OptimizerSettings = dataclasses.field(default_factory=OptimizerSettings)
+    density: DensitySettings = dataclasses.field(default_factory=DensitySettings)
+    evaluation: EvaluationSettings = dataclasses.field(default_factory=EvaluationSettings)
+    stopping: StoppingSettings = dataclasses.field(default_factory=StoppingSettings)
 
     def validate(self) -> "ReconstructConfig":
         """InputError naming the first bad field."""
+        values = {name: getattr(getattr(self, section), name) for name, section in _SECTION_OF.items()}
         positive_ints = ("iterations", "n_gaussians", "lr_decay_steps", "densify_every", "max_gaussians",
                          "eval_every")
         for name in positive_ints:
-            value = getattr(self, name)
+            value = values[name]
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
         for name in ("views_per_iter", "coarse_iterations", "densify_from", "densify_until"):
-            value = getattr(self, name)
+            value = values[name]
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
                 raise InputError(f"{name} must be a non-negative integer, got {value!r}")
         for name in ("position_lr_init", "position_lr_final", "k_sigma"):
-            if not _finite(getattr(self, name)) or getattr(self, name) <= 0:
-                raise InputError(f"{name} must be a positive number, got {getattr(self, name)!r}")
+            if not _finite(values[name]) or values[name] <= 0:
+                raise InputError(f"{name} must be a positive number, got {values[name]!r}")
         for name in ("intensity_lr", "scale_lr", "rotation_lr", "lambda_dssim", "lambda_tv", "prune_min_intensity"):
-            if not _finite(getattr(self, name)) or getattr(self, name) < 0:
-                raise InputError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
+            if not _finite(values[name]) or values[name] < 0:
+                raise InputError(f"{name} must be a non-negative number, got {values[name]!r}")
         for name in ("intensity_lr_final", "scale_lr_final", "rotation_lr_final"):
-            value = getattr(self, name)
-            if value is not None and (not _finite(value) or value <= 0 or getattr(self, name[:-6]) <= 0):
+            value = values[name]
+            if value is not None and (not _finite(value) or value <= 0 or values[name[:-6]] <= 0):
                 raise InputError(f"{name} must be None or a positive number (with a positive {name[:-6]}), "
                                  f"got {value!r}")
-        if not isinstance(self.init_options, dict) or not all(isinstance(k, str) for k in self.init_options):
-            raise InputError(f"init_options must be a dict of keyword options, got {self.init_options!r}")
-        if self.loss not in LOSSES:
-            raise InputError(f"unknown loss {self.loss!r} (use {', '.join(LOSSES)})")
-        if self.ssim_threshold_metric not in SSIM_METRICS:
+        init_options = values["init_options"]
+        if not isinstance(init_options, dict) or not all(isinstance(k, str) for k in init_options):
+            raise InputError(f"init_options must be a dict of keyword options, got {init_options!r}")
+        if values["loss"] not in LOSSES:
+            raise InputError(f"unknown loss {values['loss']!r} (use {', '.join(LOSSES)})")
+        if values["strategy"] not in (None, "none", *DENSITY_STRATEGIES):
+            raise InputError(f"unknown density strategy {values['strategy']!r} "
+                             f"(use {', '.join(DENSITY_STRATEGIES)} or none)")
+        if values["ssim_threshold_metric"] not in SSIM_METRICS:
             raise InputError(f"ssim_threshold_metric must be one of {', '.join(SSIM_METRICS)}")
-        if not 0.0 < self.densify_grad_quantile < 1.0:
-            raise InputError(f"densify_grad_quantile must be in (0, 1), got {self.densify_grad_quantile}")
-        if self.max_gaussians < self.n_gaussians:
-            raise InputError(f"max_gaussians ({self.max_gaussians}) must be >= n_gaussians ({self.n_gaussians})")
+        if not 0.0 < values["densify_grad_quantile"] < 1.0:
+            raise InputError(f"densify_grad_quantile must be in (0, 1), got {values['densify_grad_quantile']}")
+        if values["max_gaussians"] < values["n_gaussians"]:
+            raise InputError(f"max_gaussians ({values['max_gaussians']}) must be >= n_gaussians "
+                             f"({values['n_gaussians']})")
         for name in ("psnr_threshold", "ssim_threshold"):
-            if not _finite(getattr(self, name)):
+            if not _finite(values[name]):
                 raise InputError(f"{name} must be a finite number")
-        if self.stop_at_psnr is not None and not _finite(self.stop_at_psnr):
-            raise InputError(f"stop_at_psnr must be a finite number or None, got {self.stop_at_psnr!r}")
+        if values["stop_at_psnr"] is not None and not _finite(values["stop_at_psnr"]):
+            raise InputError(f"stop_at_psnr must be a finite number or None, got {values['stop_at_psnr']!r}")
         return self
 
     def to_dict(self) -> dict:
+        """``{section: {setting: value}}``."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ReconstructConfig":
-        """Build from a dict (e.g. a config.json); unknown keys are an InputError."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        """Build from a dict (e.g. a config.json) in any form :meth:`flat_settings` reads, and validate."""
+        sections = {section: {} for section in SECTIONS}
+        for name, value in cls.flat_settings(data).items():
+            sections[_SECTION_OF[name]][name] = value
+        return cls(**{section: SECTIONS[section](**values) for section, values in sections.items()}).validate()
+
+    @staticmethod
+    def flat_settings(data: dict) -> dict:
+        """``{setting: value}`` of ``data``: the sections of :meth:`to_dict`, or the flat setting names
+        (the form of config files before the sections, and of ``densify`` true/false, now
+        ``density.strategy``), or a mix. Unknown keys, and a setting given twice, are an InputError."""
+        if not isinstance(data, dict):
+            raise InputError(f"reconstruction settings must be an object of settings, got {data!r}")
+        pairs, unknown = [], []
+        for key, value in data.items():
+            if key in SECTIONS:
+                if not isinstance(value, dict):
+                    raise InputError(f"reconstruction settings {key!r} must be an object of settings, got {value!r}")
+                pairs += [(name, item) for name, item in value.items() if _SECTION_OF.get(name) == key]
+                unknown += [f"{key}.{name}" for name in value if _SECTION_OF.get(name) != key]
+            elif key in _SECTION_OF:
+                pairs.append((key, value))
+            elif key == "densify":  # before density strategies: on (the default strategy) or off
+                pairs.append(("strategy", DensitySettings.strategy if value else None))
+            else:
+                unknown.append(key)
         if unknown:
-            raise InputError(f"unknown reconstruction setting(s): {', '.join(unknown)}")
-        return cls(**data).validate()
+            raise InputError(f"unknown reconstruction setting(s): {', '.join(sorted(unknown))}")
+        flat = {}
+        for name, value in pairs:
+            if name in flat:
+                raise InputError(f"reconstruction setting {name} is given twice")
+            flat[name] = value
+        return flat
 
 
 def _finite(value) -> bool:
@@ -215,8 +329,9 @@ class ReconstructResult:
                 "thresholds": self.thresholds, "history": self.history,
                 "init_seconds": self.init_seconds, "timing": self.timing,
                 "seconds_per_iteration": self.wall_seconds / self.iterations if self.iterations else None,
-                "ssim_threshold_metric": self.config.ssim_threshold_metric,
-                "psnr_threshold": self.config.psnr_threshold, "ssim_threshold": self.config.ssim_threshold,
+                "ssim_threshold_metric": self.config.evaluation.ssim_threshold_metric,
+                "psnr_threshold": self.config.evaluation.psnr_threshold,
+                "ssim_threshold": self.config.evaluation.ssim_threshold,
                 "interrupted": self.interrupted, "stop_reason": self.stop_reason}
 
 
@@ -241,11 +356,11 @@ def _decayed(start: float, final: Optional[float], step: int, steps: int) -> flo
 def learning_rates(step: int, config: ReconstructConfig, extent: float) -> dict:
     """Adam rate per parameter group at ``step``: log-linear from the initial to the final value over
     ``lr_decay_steps`` (constant without a final value); centres in mm (× ``extent``, mm)."""
-    steps = config.lr_decay_steps
-    return {"means": extent * _decayed(config.position_lr_init, config.position_lr_final, step, steps),
-            "intensities": _decayed(config.intensity_lr, config.intensity_lr_final, step, steps),
-            "log_scales": _decayed(config.scale_lr, config.scale_lr_final, step, steps),
-            "quats": _decayed(config.rotation_lr, config.rotation_lr_final, step, steps)}
+    steps, rates = config.schedule.lr_decay_steps, config.optimizer
+    return {"means": extent * _decayed(rates.position_lr_init, rates.position_lr_final, step, steps),
+            "intensities": _decayed(rates.intensity_lr, rates.intensity_lr_final, step, steps),
+            "log_scales": _decayed(rates.scale_lr, rates.scale_lr_final, step, steps),
+            "quats": _decayed(rates.rotation_lr, rates.rotation_lr_final, step, steps)}
 
 
 def coarse_lattice(volume: VolumeGeometry, offset: tuple) -> VolumeGeometry:
@@ -290,7 +405,7 @@ def _gaussian_window(size: int, sigma: float, dtype, device) -> torch.Tensor:
 
 def projection_ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """Differentiable mean SSIM of projection images ``[A, V, U]`` (11×11 Gaussian window, σ 1.5, as
-    R²-Gaussian's D-SSIM); a training loss term, not an evaluation metric (see :mod:`ctrecon.metrics`)."""
+    R²-Gaussian's D-SSIM); a training loss term, not an evaluation metric (see :mod:`ctrecon.pipeline.metrics`)."""
     size = min(11, pred.shape[-1], pred.shape[-2])
     size -= 1 - size % 2  # odd
     w = _gaussian_window(size, 1.5, pred.dtype, pred.device)
@@ -370,6 +485,16 @@ def _consistent(field) -> bool:
     return len({int(p.shape[0]) for p in field.raw_parameters().values()}) == 1
 
 
+def _check_inputs(scan, config: ReconstructConfig) -> None:
+    """InputError for a scan the settings cannot run on (before the FDK)."""
+    n_views = scan.geometry.n_angles
+    if config.schedule.views_per_iter > n_views:
+        raise InputError(f"views_per_iter ({config.schedule.views_per_iter}) exceeds the scan's {n_views} views")
+    grid = scan.geometry.volume
+    if scan.ground_truth is not None and tuple(np.shape(scan.ground_truth)) != tuple(grid.nVoxel):
+        raise InputError(f"ground truth shape {tuple(np.shape(scan.ground_truth))} differs from the grid {grid.nVoxel}")
+
+
 def _initial_field(scan, init: str, config: ReconstructConfig, device, generator, init_field):
     from ctrecon.operators.fdk import fdk
     from ctrecon.methods.gaussians import GaussianField, get_initializer
@@ -379,198 +504,241 @@ def _initial_field(scan, init: str, config: ReconstructConfig, device, generator
             raise InputError(f"init_field must be a GaussianField, got {type(init_field).__name__}")
         return init_field.to(device)
     initializer = get_initializer(init)
-    if config.init_options:  # check the options before the FDK
+    options = config.gaussians.init_options
+    if options:  # check the options before the FDK
         try:
-            inspect.signature(initializer).bind(None, None, None, None, **config.init_options)
+            inspect.signature(initializer).bind(None, None, None, None, **options)
         except TypeError as err:
-            raise InputError(f"initializer {init!r} does not accept init_options {config.init_options}: {err}") from None
+            raise InputError(f"initializer {init!r} does not accept init_options {options}: {err}") from None
     fdk_volume = fdk(scan.projections, scan.geometry, device=device)
-    return initializer(fdk_volume, scan.geometry.volume, config.n_gaussians, generator,
-                       **config.init_options).to(device)
+    return initializer(fdk_volume, scan.geometry.volume, config.gaussians.n_gaussians, generator, **options).to(device)
 
 
-def reconstruct(scan, *, init: str = "fbp", config: ReconstructConfig | None = None, device="cpu", seed: int = 0,
+class Trainer:
+    """One 3DGR-CT optimisation of ``field`` against ``scan``: its state, and the steps of the algorithm
+    box that :func:`reconstruct` runs in order (``step``, ``evaluate``, ``stop_reason``, ``control_density``).
+
+    init, init_seconds: the initialisation's label and time, carried into the result. ``generator``
+    draws the view order and the density strategy's samples.
+    """
+
+    def __init__(self, scan, field, config: ReconstructConfig, *, device: torch.device, generator: torch.Generator,
+                 regularizer: Callable[[torch.Tensor, int], torch.Tensor] | None, init: str, init_seconds: float):
+        from ctrecon.pipeline.metrics import ConvergenceTracker
+
+        self.config, self.device, self.regularizer = config, device, regularizer
+        self.init, self.init_seconds = init, init_seconds
+        self.geometry = scan.geometry
+        self.grid = self.geometry.volume
+        measured = torch.as_tensor(np.asarray(scan.projections, dtype=np.float32), device=device)
+        self.truth = None if scan.ground_truth is None else torch.as_tensor(
+            np.asarray(scan.ground_truth, dtype=np.float32), device=device)
+        self.projection_scale = float(measured.abs().max()) or 1.0
+        self.target = measured / self.projection_scale
+        self.extent = max(self.grid.sVoxel)
+
+        self.field = field
+        self.optimizer = torch.optim.Adam(field.parameter_groups(learning_rates(0, config, self.extent)), eps=1e-15)
+        self.strategy = config.density.build(self.grid, generator)
+        self.full_projector = Projector(self.geometry)
+        self.coarse = {}  # sub-lattice offset -> (grid, projector), built on first use
+        n_views, k = self.geometry.n_angles, config.schedule.views_per_iter
+        self.views = _ViewCycle(n_views, k, generator) if 0 < k < n_views else None
+
+        self.clock = _Clock(device, config.evaluation.time_phases)
+        self.history: list = []
+        self.tracker = ConvergenceTracker(
+            (("psnr35", "psnr", config.evaluation.psnr_threshold),
+             ("ssim90", config.evaluation.ssim_threshold_metric, config.evaluation.ssim_threshold)))
+        self.interval_losses: list = []
+        self.completed = 0  # optimisation steps in the current field
+        self.good_iteration, self.good_raw = 0, _snapshot(field)  # the last state that gave a finite loss
+
+    # ----------------------------------------------------------------- one iteration
+    def step(self, iteration: int) -> float:
+        """Render → project → loss → backward → Adam step (at this step's learning rates, on this step's
+        grid and views); returns the loss. Raises _NonFinite on a NaN/Inf loss or gradient."""
+        step = iteration - 1
+        rates = learning_rates(step, self.config, self.extent)
+        for group in self.optimizer.param_groups:
+            group["lr"] = rates[group["name"]]
+        render_grid, projector = self._grid_and_projector(step)
+        chosen = self.views.next() if self.views is not None else None
+        if chosen is not None:
+            projector = projector.subset(chosen)
+            wanted = self.target[chosen.to(self.device)]
+        else:
+            wanted = self.target
+
+        clock = self.clock
+        clock.begin_phase()
+        volume = self.field.render(render_grid, self.config.gaussians.k_sigma)
+        clock.end_phase("render")
+        predicted = projector(volume) / self.projection_scale
+        clock.end_phase("project")
+        loss = self._loss(predicted, wanted, volume, iteration)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise _NonFinite(iteration, "loss")
+        self.good_iteration, self.good_raw = step, _snapshot(self.field)
+        loss.backward()
+        if not all(bool(torch.isfinite(p.grad).all()) for p in self.field.raw_parameters().values()
+                   if p.grad is not None):
+            raise _NonFinite(iteration, "gradient")
+        if self.strategy is not None:
+            self.strategy.step_post_backward(self.field, self.optimizer, iteration)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        clock.end_phase("backward")
+        self.completed = iteration
+        self.interval_losses.append(loss_value)
+        return loss_value
+
+    def _grid_and_projector(self, step: int):
+        """The render grid and its projector: a half-resolution sub-lattice in the coarse stage, else the grid."""
+        if step >= self.config.schedule.coarse_iterations:
+            return self.grid, self.full_projector
+        offset = ((step >> 2) & 1, (step >> 1) & 1, step & 1)
+        if offset not in self.coarse:
+            sub = coarse_lattice(self.grid, offset)
+            self.coarse[offset] = (sub, Projector(self.geometry.with_volume(sub)))
+        return self.coarse[offset]
+
+    def _loss(self, predicted, wanted, volume, iteration: int) -> torch.Tensor:
+        terms = self.config.optimizer
+        loss = F.mse_loss(predicted, wanted) if terms.loss == "mse" else F.l1_loss(predicted, wanted)
+        if terms.lambda_dssim > 0:
+            loss = loss + terms.lambda_dssim * (1.0 - projection_ssim(predicted, wanted))
+        if terms.lambda_tv > 0:
+            loss = loss + terms.lambda_tv * total_variation(volume)
+        if self.regularizer is not None:
+            loss = loss + self.regularizer(volume, iteration)
+        return loss
+
+    def control_density(self, iteration: int) -> None:
+        """The density strategy's turn after the optimiser step (and this iteration's evaluation)."""
+        if self.strategy is not None:
+            self.clock.begin_phase()
+            self.strategy.step_post_update(self.field, self.optimizer, iteration)
+            self.clock.end_phase("densify")
+
+    # ----------------------------------------------------------------- evaluation and stopping
+    def evaluation_due(self, iteration: int) -> bool:
+        return iteration % self.config.evaluation.eval_every == 0 or iteration == self.config.schedule.iterations
+
+    def evaluate(self, iteration: int) -> dict:
+        """Append the history record of the current field (quality against the ground truth, mean loss
+        since the last record); its time is excluded from the optimisation clock."""
+        seconds = self.clock.seconds()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            quality = _quality(self.field.render(self.grid, self.config.gaussians.k_sigma), self.truth)
+        record = {"iteration": iteration, "seconds": seconds,
+                  "loss": float(np.mean(self.interval_losses)) if self.interval_losses else None,
+                  **quality, "n_gaussians": len(self.field)}
+        self.interval_losses.clear()
+        self.history.append(record)
+        if self.truth is not None:
+            self.tracker.update(iteration, seconds, **quality)
+        self.clock.exclude_since(t0)
+        return record
+
+    def stop_reason(self, record: Optional[dict]) -> Optional[str]:
+        """Why to stop after this evaluation record (None: go on, also without a record)."""
+        if record is None or record["psnr"] is None:
+            return None
+        stopping = self.config.stopping
+        if stopping.stop_at_psnr is not None and record["psnr"] >= stopping.stop_at_psnr:
+            return "psnr target"
+        if stopping.stop_at_thresholds and self.tracker.all_reached:
+            return "thresholds reached"
+        return None
+
+    # ----------------------------------------------------------------- the outcome
+    def good_field(self):
+        """A field of the last parameters that gave a finite loss (``good_iteration`` steps)."""
+        return _field_from(self.field, self.good_raw)
+
+    def result(self, field, iterations: int, stop_reason: str, interrupted: bool = False) -> ReconstructResult:
+        """The result for ``field``; its quality is the last history record when that one evaluated this
+        state, else it is evaluated now."""
+        wall = self.clock.seconds()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            volume = field.render(self.grid, self.config.gaussians.k_sigma)
+        if self.truth is None:
+            final = None
+        elif field is self.field and self.history and self.history[-1]["iteration"] == iterations:
+            final = {key: self.history[-1][key] for key in ("psnr", "ssim3d", "ssim_slice")}
+        else:
+            final = _quality(volume, self.truth)
+        self.clock.exclude_since(t0)
+        return ReconstructResult(
+            volume=volume.detach().float().cpu(), field=field, init=self.init, config=self.config,
+            iterations=iterations, history=self.history, thresholds=self.tracker.summary(), final=final,
+            wall_seconds=wall, eval_seconds=self.clock.excluded, init_seconds=self.init_seconds,
+            timing=dict(self.clock.phases), n_gaussians=len(field), interrupted=interrupted, stop_reason=stop_reason)
+
+
+def reconstruct(scan, *, init="fbp", config: ReconstructConfig | None = None, device="cpu", seed: int = 0,
                 callback: Callable[[Progress], None] | None = None, init_field=None,
                 regularizer: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> ReconstructResult:
-    """Run 3DGR-CT on ``scan`` (a :class:`ctrecon.io.Scan`); see the module docstring.
+    """Run 3DGR-CT on ``scan`` (a :class:`ctrecon.core.io.Scan`); see the module docstring.
 
-    init: a registered initialiser name (used on the scan's FDK), or a label for ``init_field``
-    (a ready :class:`GaussianField`, e.g. from a prior). callback(Progress): called after each
+    init: an initialiser used on the scan's FDK, by its registered name ("fbp", "medgmae", ...) or
+    itself (e.g. ``priors.zero_shot.PriorInit(checkpoint)``), or a label for ``init_field`` (a ready
+    :class:`GaussianField`, e.g. from a prior). callback(Progress): called after each
     iteration; it may raise KeyboardInterrupt to stop. regularizer(volume [Z, Y, X], iteration) →
     scalar tensor added to the loss (on the rendered grid, coarse or full).
     Raises InputError on bad input and NonFiniteLossError (with the last good state) on NaN/Inf.
     """
-    from ctrecon.methods.gaussians import DensityController
-    from ctrecon.pipeline.metrics import ConvergenceTracker
-    from ctrecon.operators.projector import Projector
+    from ctrecon.methods.gaussians import initializer_name
 
     config = (config or ReconstructConfig()).validate()
     device = torch.device(device)
-    geometry = scan.geometry
-    grid = geometry.volume
-    n_views = geometry.n_angles
-    if config.views_per_iter > n_views:
-        raise InputError(f"views_per_iter ({config.views_per_iter}) exceeds the scan's {n_views} views")
+    _check_inputs(scan, config)
     generator = torch.Generator().manual_seed(int(seed))
-    measured = torch.as_tensor(np.asarray(scan.projections, dtype=np.float32), device=device)
-    truth = None if scan.ground_truth is None else torch.as_tensor(
-        np.asarray(scan.ground_truth, dtype=np.float32), device=device)
-    if truth is not None and tuple(truth.shape) != tuple(grid.nVoxel):
-        raise InputError(f"ground truth shape {tuple(truth.shape)} differs from the grid {grid.nVoxel}")
-
     t_init = time.perf_counter()
     field = _initial_field(scan, init, config, device, generator, init_field)
     init_seconds = 0.0 if init_field is not None else time.perf_counter() - t_init
-    if len(field) > config.max_gaussians:
+    if len(field) > config.density.max_gaussians:
         raise InputError(f"the initial field has {len(field)} Gaussians, more than max_gaussians "
-                         f"({config.max_gaussians})")
+                         f"({config.density.max_gaussians})")
+    trainer = Trainer(scan, field, config, device=device, generator=generator, regularizer=regularizer,
+                      init=initializer_name(init), init_seconds=init_seconds)
 
-    projection_scale = float(measured.abs().max()) or 1.0
-    target = measured / projection_scale
-    extent = max(grid.sVoxel)
-    optimizer = torch.optim.Adam(field.parameter_groups(learning_rates(0, config, extent)), eps=1e-15)
-    controller = DensityController.for_volume(
-        grid, densify_every=config.densify_every, start=config.densify_from, stop=config.densify_until,
-        max_gaussians=config.max_gaussians, grad_quantile=config.densify_grad_quantile,
-        prune_intensity=config.prune_min_intensity, generator=generator) if config.densify else None
-    full_projector = Projector(geometry)
-    coarse = {}  # sub-lattice offset -> (grid, projector), built on first use
-    views = _ViewCycle(n_views, config.views_per_iter, generator) if 0 < config.views_per_iter < n_views else None
-
-    clock = _Clock(device, config.time_phases)
-    history: list = []
-    tracker = ConvergenceTracker((("psnr35", "psnr", config.psnr_threshold),
-                                  ("ssim90", config.ssim_threshold_metric, config.ssim_threshold)))
-    interval_losses: list = []
-    state = {"completed": 0, "stop_reason": "completed", "interrupted": False}
-
-    def evaluate(iteration: int) -> dict:
-        seconds = clock.seconds()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            quality = _quality(field.render(grid, config.k_sigma), truth)
-        record = {"iteration": iteration, "seconds": seconds,
-                  "loss": float(np.mean(interval_losses)) if interval_losses else None,
-                  **quality, "n_gaussians": len(field)}
-        interval_losses.clear()
-        history.append(record)
-        if truth is not None:
-            tracker.update(iteration, seconds, **quality)
-        clock.exclude_since(t0)
-        return record
-
-    def should_stop(record: dict) -> Optional[str]:
-        if record["psnr"] is None:
-            return None
-        if config.stop_at_psnr is not None and record["psnr"] >= config.stop_at_psnr:
-            return "psnr target"
-        if config.stop_at_thresholds and tracker.all_reached:
-            return "thresholds reached"
-        return None
-
-    def result_from(current_field, iterations: int) -> ReconstructResult:
-        """The result for ``current_field``; its quality is the last history record when that one
-        evaluated this state, else it is evaluated now."""
-        wall = clock.seconds()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            volume = current_field.render(grid, config.k_sigma)
-        if truth is None:
-            final = None
-        elif current_field is field and history and history[-1]["iteration"] == iterations:
-            final = {key: history[-1][key] for key in ("psnr", "ssim3d", "ssim_slice")}
-        else:
-            final = _quality(volume, truth)
-        clock.exclude_since(t0)
-        return ReconstructResult(
-            volume=volume.detach().float().cpu(), field=current_field, init=init, config=config,
-            iterations=iterations, history=history, thresholds=tracker.summary(), final=final, wall_seconds=wall,
-            eval_seconds=clock.excluded, init_seconds=init_seconds, timing=dict(clock.phases),
-            n_gaussians=len(current_field), interrupted=state["interrupted"], stop_reason=state["stop_reason"])
-
-    good = {"iteration": 0, "raw": _snapshot(field)}
+    iterations = config.schedule.iterations
+    stop, interrupted = None, False
     try:
-        record = evaluate(0)
+        record = trainer.evaluate(0)
         if callback is not None:
-            callback(Progress(0, config.iterations, None, len(field), record["seconds"], record, dict(clock.phases)))
-        stop = should_stop(record)
-        for iteration in range(1, config.iterations + 1) if stop is None else ():
-            step = iteration - 1
-            rates = learning_rates(step, config, extent)
-            for group in optimizer.param_groups:
-                group["lr"] = rates[group["name"]]
-            if step < config.coarse_iterations:
-                offset = ((step >> 2) & 1, (step >> 1) & 1, step & 1)
-                if offset not in coarse:
-                    sub = coarse_lattice(grid, offset)
-                    coarse[offset] = (sub, Projector(geometry.with_volume(sub)))
-                render_grid, projector = coarse[offset]
-            else:
-                render_grid, projector = grid, full_projector
-            chosen = views.next() if views is not None else None
-            if chosen is not None:
-                projector = projector.subset(chosen)
-                wanted = target[chosen.to(device)]
-            else:
-                wanted = target
-
-            clock.begin_phase()
-            volume = field.render(render_grid, config.k_sigma)
-            clock.end_phase("render")
-            predicted = projector(volume) / projection_scale
-            clock.end_phase("project")
-            loss = F.mse_loss(predicted, wanted) if config.loss == "mse" else F.l1_loss(predicted, wanted)
-            if config.lambda_dssim > 0:
-                loss = loss + config.lambda_dssim * (1.0 - projection_ssim(predicted, wanted))
-            if config.lambda_tv > 0:
-                loss = loss + config.lambda_tv * total_variation(volume)
-            if regularizer is not None:
-                loss = loss + regularizer(volume, iteration)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise _NonFinite(iteration, "loss")
-            good = {"iteration": step, "raw": _snapshot(field)}
-            loss.backward()
-            if not all(bool(torch.isfinite(p.grad).all()) for p in field.raw_parameters().values()
-                       if p.grad is not None):
-                raise _NonFinite(iteration, "gradient")
-            if controller is not None:
-                controller.accumulate(field)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            clock.end_phase("backward")
-            state["completed"] = iteration
-            interval_losses.append(loss_value)
-
+            callback(Progress(0, iterations, None, len(trainer.field), record["seconds"], record,
+                              dict(trainer.clock.phases)))
+        stop = trainer.stop_reason(record)
+        for iteration in range(1, iterations + 1) if stop is None else ():
+            loss = trainer.step(iteration)
             # Evaluate and report before density control (as 3D-GS does), so that evaluations do not
             # land on the transient right after a split whenever eval_every is a multiple of densify_every.
-            record = None
-            if iteration % config.eval_every == 0 or iteration == config.iterations:
-                record = evaluate(iteration)
+            record = trainer.evaluate(iteration) if trainer.evaluation_due(iteration) else None
             if callback is not None:
-                callback(Progress(iteration, config.iterations, loss_value, len(field), clock.seconds(), record,
-                                  dict(clock.phases)))
-            if record is not None:
-                stop = should_stop(record)
-                if stop is not None:
-                    break
-            if controller is not None and iteration < config.iterations:
-                clock.begin_phase()
-                controller.step(field, optimizer, iteration)
-                clock.end_phase("densify")
-        if stop is not None:
-            state["stop_reason"] = stop
+                callback(Progress(iteration, iterations, loss, len(trainer.field), trainer.clock.seconds(), record,
+                                  dict(trainer.clock.phases)))
+            stop = trainer.stop_reason(record)
+            if stop is not None:
+                break
+            if iteration < iterations:
+                trainer.control_density(iteration)
     except KeyboardInterrupt:
-        state["interrupted"], state["stop_reason"] = True, "interrupted"
-        if not _consistent(field):  # interrupted inside density control: fall back to the last snapshot
-            field, state["completed"] = _field_from(field, good["raw"]), good["iteration"]
+        stop, interrupted = "interrupted", True
+        if not _consistent(trainer.field):  # interrupted inside density control: fall back to the last snapshot
+            trainer.field, trainer.completed = trainer.good_field(), trainer.good_iteration
     except _NonFinite as failure:
-        state["stop_reason"] = f"non-finite {failure.what} at iteration {failure.iteration}"
-        last_good = _field_from(field, good["raw"])
-        raise NonFiniteLossError(failure.iteration, failure.what, result_from(last_good, good["iteration"])) from None
-    if not history or history[-1]["iteration"] != state["completed"]:
-        evaluate(state["completed"])
-    return result_from(field, state["completed"])
+        reason = f"non-finite {failure.what} at iteration {failure.iteration}"
+        raise NonFiniteLossError(failure.iteration, failure.what,
+                                 trainer.result(trainer.good_field(), trainer.good_iteration, reason)) from None
+    if not trainer.history or trainer.history[-1]["iteration"] != trainer.completed:
+        trainer.evaluate(trainer.completed)
+    return trainer.result(trainer.field, trainer.completed, stop or "completed", interrupted)
 
 
 class _NonFinite(Exception):

@@ -1,22 +1,19 @@
 """Convergence reports over reconstruction runs: a Table-4-style comparison, curves and paired tests.
 
-A *run* is a folder written by ``ctrecon reconstruct`` holding ``metrics.json`` (and ``config.json``).
+A *run* is a folder written by ``ctrecon reconstruct`` (read with :func:`ctrecon.pipeline.runs.load_run`).
 :func:`build_report` groups runs by (initialisation, view count) and writes
 
 - ``table.csv`` / ``report.md``: per group, mean ± sample standard deviation (ddof=1) of the
   optimisation wall time, iterations and seconds to PSNR 35 dB and to SSIM 0.90, final PSNR and
   SSIM. Runs that never reach a threshold are not dropped: the cell says ``not reached (k/N)``.
 - ``curves.png``: PSNR and SSIM against iteration, one line per initialisation (mean over runs,
-  band ± one standard error), one row per view count.
+  band ± one standard error), one row per view count (:func:`ctrecon.pipeline.plots.plot_group_curves`).
 - ``stats.json``: the numbers above plus paired t-tests (``scipy.stats.ttest_rel``) between
   initialisations on iterations to 35 dB and on final PSNR, pairing runs by (case, views).
-
-:func:`plot_run_curves` draws the curves of a single run (used by ``ctrecon reconstruct``).
 """
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import itertools
 import json
@@ -27,62 +24,14 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ctrecon.core.errors import InputError
+from ctrecon.pipeline.plots import plot_group_curves
+from ctrecon.pipeline.runs import RunRecord, load_run
 
-__all__ = ["RunRecord", "load_run", "build_report", "plot_run_curves", "paired_tests", "group_rows"]
+__all__ = ["build_report", "paired_tests", "group_rows"]
 
 THRESHOLDS = {"psnr35": "PSNR 35 dB", "ssim90": "SSIM 0.90"}
 FINAL_METRICS = ("psnr", "ssim_slice", "ssim3d")
-CURVE_METRICS = (("psnr", "PSNR (dB)", 35.0), ("ssim_slice", "SSIM, axial slices (3DGR-CT)", 0.90),
-                 ("ssim3d", "SSIM, 3-D", 0.90))
 TESTED_QUANTITIES = (("psnr35_iteration", "iterations to PSNR 35 dB"), ("final_psnr", "final PSNR (dB)"))
-
-
-@dataclasses.dataclass
-class RunRecord:
-    """One reconstruction run: where it lives, what it compared, and its metrics.json content."""
-
-    path: str
-    init: str
-    views: int | None
-    case: str
-    metrics: dict
-
-    def threshold(self, key: str, field: str):
-        """``iteration`` or ``seconds`` at which threshold ``key`` was first reached, or None."""
-        entry = (self.metrics.get("thresholds") or {}).get(key)
-        return None if entry is None else entry.get(field)
-
-    def final(self, name: str):
-        return (self.metrics.get("final") or {}).get(name)
-
-
-def _read_json(path: str, what: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except FileNotFoundError:
-        raise InputError(f"{what} not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"cannot read {what} {path}: {err}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{what} {path} is not a JSON object")
-    return data
-
-
-def load_run(run_dir: str) -> RunRecord:
-    """Read ``RUN/metrics.json`` (required) and ``RUN/config.json`` (optional, for views and case)."""
-    if not os.path.isdir(run_dir):
-        raise InputError(f"run folder not found: {run_dir}")
-    metrics = _read_json(os.path.join(run_dir, "metrics.json"), "metrics file")
-    for key in ("init", "iterations", "history"):
-        if key not in metrics:
-            raise InputError(f"{run_dir}/metrics.json lacks the key {key!r}")
-    config_path = os.path.join(run_dir, "config.json")
-    config = _read_json(config_path, "config file") if os.path.exists(config_path) else {}
-    views = metrics.get("views", config.get("views"))
-    case = metrics.get("case", config.get("case")) or os.path.basename(os.path.normpath(run_dir))
-    return RunRecord(path=run_dir, init=str(metrics["init"]), views=None if views is None else int(views),
-                     case=str(case), metrics=metrics)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -233,106 +182,6 @@ def _tests_markdown(tests: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- plots
-def _save_figure(fig, path: str) -> None:
-    from ctrecon.core.io import atomic_output
-
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-
-
-def _history_series(history: Sequence[dict], x_key: str, y_key: str) -> tuple:
-    points = [(h[x_key], h[y_key]) for h in history if h.get(x_key) is not None and h.get(y_key) is not None]
-    return (np.array([p[0] for p in points], dtype=np.float64), np.array([p[1] for p in points], dtype=np.float64))
-
-
-def plot_run_curves(metrics: dict, path: str) -> None:
-    """PNG of one run: loss, PSNR and SSIM (both conventions) against iteration (top) and seconds (bottom)."""
-    from matplotlib.figure import Figure
-
-    history = metrics.get("history", [])
-    fig = Figure(figsize=(13, 7), layout="constrained")
-    axes = fig.subplots(2, 3)
-    for row, (x_key, x_label) in enumerate((("iteration", "iteration"),
-                                             ("seconds", "optimisation time (s, evaluation excluded)"))):
-        ax_loss, ax_psnr, ax_ssim = axes[row]
-        x, loss = _history_series(history, x_key, "loss")
-        if x.size:
-            ax_loss.plot(x, loss, color="black")
-            if np.all(loss > 0):
-                ax_loss.set_yscale("log")
-        ax_loss.set_ylabel("training loss")
-        x, psnr = _history_series(history, x_key, "psnr")
-        ax_psnr.plot(x, psnr, marker=".", color="tab:blue")
-        ax_psnr.axhline(35.0, color="grey", linestyle=":", linewidth=1)
-        ax_psnr.set_ylabel("PSNR (dB)")
-        for name, label, color in (("ssim_slice", "axial slices (3DGR-CT)", "tab:orange"),
-                                   ("ssim3d", "3-D", "tab:green")):
-            x, ssim = _history_series(history, x_key, name)
-            ax_ssim.plot(x, ssim, marker=".", color=color, label=label)
-        ax_ssim.axhline(0.90, color="grey", linestyle=":", linewidth=1)
-        ax_ssim.set_ylabel("SSIM")
-        ax_ssim.legend(loc="lower right", fontsize=8)
-        for ax in axes[row]:
-            ax.set_xlabel(x_label)
-            ax.grid(alpha=0.3)
-    fig.suptitle(f"init {metrics.get('init')}, {metrics.get('iterations')} iterations, "
-                 f"{metrics.get('n_gaussians')} Gaussians")
-    _save_figure(fig, path)
-
-
-def _mean_curve(histories: Sequence[Sequence[dict]], metric: str) -> tuple:
-    """Mean and standard error across runs on the union of their evaluation iterations.
-
-    Each run is linearly interpolated onto the grid inside its own iteration range only; a grid
-    point averages the runs that cover it (runs that stopped early drop out, nothing is extrapolated).
-    """
-    series = [s for s in (_history_series(h, "iteration", metric) for h in histories) if s[0].size]
-    if not series:
-        return np.array([]), np.array([]), np.array([])
-    grid = np.unique(np.concatenate([s[0] for s in series]))
-    samples = np.full((len(series), grid.size), np.nan)
-    for i, (x, y) in enumerate(series):
-        inside = (grid >= x.min()) & (grid <= x.max())
-        samples[i, inside] = np.interp(grid[inside], x, y)
-    count = np.sum(~np.isnan(samples), axis=0)
-    mean = np.nanmean(samples, axis=0)
-    spread = np.zeros_like(mean)
-    several = count > 1
-    spread[several] = np.nanstd(samples[:, several], axis=0, ddof=1) / np.sqrt(count[several])
-    return grid, mean, spread
-
-
-def _plot_group_curves(runs: Sequence[RunRecord], path: str) -> None:
-    from matplotlib.figure import Figure
-
-    groups = _groups(runs)
-    view_counts = list(dict.fromkeys(views for _, views in groups))
-    inits = list(dict.fromkeys(init for init, _ in groups))
-    colors = {init: f"C{i % 10}" for i, init in enumerate(inits)}
-    fig = Figure(figsize=(5 * len(CURVE_METRICS), 3.6 * len(view_counts)), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(len(view_counts), len(CURVE_METRICS), squeeze=False))
-    for row, views in enumerate(view_counts):
-        for col, (metric, label, threshold) in enumerate(CURVE_METRICS):
-            ax = axes[row, col]
-            for init in inits:
-                members = groups.get((init, views), [])
-                grid, mean, spread = _mean_curve([r.metrics["history"] for r in members], metric)
-                if grid.size == 0:
-                    continue
-                ax.plot(grid, mean, color=colors[init], label=f"{init} (n={len(members)})")
-                ax.fill_between(grid, mean - spread, mean + spread, color=colors[init], alpha=0.25, linewidth=0)
-            ax.axhline(threshold, color="grey", linestyle=":", linewidth=1)
-            ax.set_xlabel("iteration")
-            ax.set_ylabel(label)
-            ax.set_title(f"{'?' if views is None else views} views")
-            ax.grid(alpha=0.3)
-            if ax.lines[:-1]:
-                ax.legend(loc="lower right", fontsize=8)
-    fig.suptitle("mean over runs (runs that stopped earlier drop out), band: ± one standard error")
-    _save_figure(fig, path)
-
-
 # ----------------------------------------------------------------------------- the report
 def build_report(run_dirs: Iterable[str], out_dir: str) -> dict:
     """Compare runs; writes ``report.md``, ``table.csv``, ``curves.png``, ``stats.json`` into ``out_dir``.
@@ -370,7 +219,8 @@ def build_report(run_dirs: Iterable[str], out_dir: str) -> dict:
     with atomic_output(os.path.join(out_dir, "table.csv")) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="") as handle:
             handle.write(_csv_text(rows))
-    _plot_group_curves(runs, os.path.join(out_dir, "curves.png"))
+    plot_group_curves({key: [r.metrics["history"] for r in members] for key, members in _groups(runs).items()},
+                      os.path.join(out_dir, "curves.png"))
     stats_path = os.path.join(out_dir, "stats.json")
     write_json(stats_path, stats_out)  # NaN (undefined statistics) becomes null
     with open(stats_path, encoding="utf-8") as handle:

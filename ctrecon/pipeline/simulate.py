@@ -78,14 +78,14 @@ def simulate_scan(volume, spacing, n_views: int, *, arc: float = TWO_PI, dose_i0
                   electronic_sigma: float = 0.0, mu_water: float = MU_WATER, shape=None, spacing_out=None,
                   input_units: str = "hu", DSO: Optional[float] = None, DSD: Optional[float] = None, seed: int = 0,
                   device="cpu", projector: Optional[Callable] = None, source: Optional[str] = None, origin=None):
-    """Simulate a circular cone-beam scan of ``volume`` and return a :class:`ctrecon.io.Scan`.
+    """Simulate a circular cone-beam scan of ``volume`` and return a :class:`ctrecon.core.io.Scan`.
 
     volume: ``[Z, Y, X]`` numpy array or tensor in HU (``input_units="hu"``) or unit attenuation
     (``"unit"``); spacing: (dz, dy, dx) mm or one number. The volume is converted to unit
     attenuation, optionally resampled (:func:`resample_volume`: ``shape`` or ``spacing_out``), and
     becomes the scan's ground truth. The geometry is ``ConeBeamGeometry.covering`` of the (centred)
     volume with ``n_views`` equally spaced angles over ``arc`` radians (DSO/DSD: defaults of
-    ``covering``); projections come from ``projector(geometry)`` (default :class:`ctrecon.projector.Projector`)
+    ``covering``); projections come from ``projector(geometry)`` (default :class:`ctrecon.operators.projector.Projector`)
     on ``device``; ``dose_i0`` (photons per pixel), ``electronic_sigma`` (counts) and ``mu_water``
     (mm⁻¹) add the seeded noise of the module docstring. ``source`` (a
     description) and ``origin`` ((x, y, z) LPS mm of voxel [0, 0, 0] of the input) go into ``meta``

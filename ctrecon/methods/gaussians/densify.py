@@ -1,29 +1,32 @@
-"""Adaptive density control (clone / split / prune) of a :class:`GaussianField` during optimisation.
+"""Adaptive density control of a :class:`GaussianField` during optimisation, as swappable strategies.
 
-As in 3D Gaussian splatting, 3DGR-CT and R²-Gaussian: Gaussians whose centres receive large
-gradients (mean norm of ∂loss/∂μ since the last densification) are densified — *cloned* when small
-(largest σ ≤ ``percent_dense``·``scene_extent``; both copies get half the intensity, as in 3DGR-CT and
-R²) or *split* when large (two samples from the Gaussian itself, σ / 1.6, the parent removed). The
-split children's intensities are ``I·1.6³/2`` so that the field's integral (the line-integral mass
-the projections see) is preserved; 3DGR-CT keeps I, R² halves it, which both lose mass. Then Gaussians
-are pruned: intensity < ``prune_intensity`` (R²'s 1e-5), smallest σ < ``min_scale`` (3DGR-CT's 0.003
-of its unit frame, i.e. 0.003·scene_extent by default), largest σ > ``max_scale`` (R²; off by
-default), or non-finite parameters. The count never exceeds ``max_gaussians``: when it would, the
-candidates with the largest gradients are densified first.
+A :class:`DensityStrategy` (gsplat's ``Strategy``) is what the training loop drives: it calls two
+hooks at fixed points of every iteration and never knows the rules::
 
-Usage in a loop::
+    loss.backward()
+    strategy.step_post_backward(field, optimizer, iteration)   # statistics: this iteration's gradients
+    optimizer.step(); optimizer.zero_grad()
+    strategy.step_post_update(field, optimizer, iteration)     # may clone / split / prune
 
-    loss.backward(); controller.accumulate(field); optimizer.step()
-    controller.step(field, optimizer, iteration)   # acts every densify_every iterations in [start, stop)
-    optimizer.zero_grad()
+:class:`QuantileSplitCloneStrategy` (``"3dgr"``) is the rule of 3D Gaussian splatting, 3DGR-CT and
+R²-Gaussian: Gaussians whose centres receive large gradients (mean norm of ∂loss/∂μ since the last
+densification) are densified — *cloned* when small (largest σ ≤ ``percent_dense``·``scene_extent``;
+both copies get half the intensity, as in 3DGR-CT and R²) or *split* when large (two samples from the
+Gaussian itself, σ / 1.6, the parent removed). The split children's intensities are ``I·1.6³/2`` so
+that the field's integral (the line-integral mass the projections see) is preserved; 3DGR-CT keeps
+I, R² halves it, which both lose mass. Then Gaussians are pruned: intensity < ``prune_intensity``
+(R²'s 1e-5), smallest σ < ``min_scale`` (3DGR-CT's 0.003 of its unit frame, i.e. 0.003·scene_extent by
+default), largest σ > ``max_scale`` (R²; off by default), or non-finite parameters. The count never
+exceeds ``max_gaussians``: when it would, the candidates with the largest gradients are densified first.
 
 The optimiser (Adam-like, per-row state tensors) must hold the field's raw Parameters in groups named
-as in :data:`field.GROUP_NAMES` or at least containing those Parameter objects; ``step`` replaces the
-Parameters in the field and in the optimiser, keeping the moments of surviving rows and giving new
-rows zero moments.
+as in :data:`field.GROUP_NAMES` or at least containing those Parameter objects; a strategy that
+changes the set of Gaussians replaces the Parameters in the field and in the optimiser, keeping the
+moments of surviving rows and giving new rows zero moments.
 """
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -33,16 +36,33 @@ from ctrecon.core.geometry import VolumeGeometry
 from ctrecon.methods.gaussians.field import GROUP_NAMES, GaussianField
 from ctrecon.operators.voxelize import quaternion_to_rotation
 
-__all__ = ["DensityController"]
+__all__ = ["DensityStrategy", "QuantileSplitCloneStrategy"]
 
 SPLIT_SCALE_DIVISOR = 1.6  # 3DGS / 3DGR-CT / R²: σ_child = σ / (0.8·2)
 
 
-class DensityController:
-    """Clone/split/prune schedule and bookkeeping; see the module docstring.
+class DensityStrategy(abc.ABC):
+    """Density control as the training loop sees it: two hooks, called in this order every iteration."""
+
+    @abc.abstractmethod
+    def step_post_backward(self, field: GaussianField, optimizer: torch.optim.Optimizer | None,
+                           iteration: int) -> None:
+        """After ``loss.backward()`` and before the optimiser step: this iteration's gradients are on the
+        field's Parameters."""
+
+    @abc.abstractmethod
+    def step_post_update(self, field: GaussianField, optimizer: torch.optim.Optimizer | None,
+                         iteration: int) -> dict | None:
+        """After the optimiser step (the loop evaluates first, and skips the hook after its last
+        iteration): may add or remove Gaussians, in the field and in the optimiser. Returns what it
+        did (counts) or None when it did nothing."""
+
+
+class QuantileSplitCloneStrategy(DensityStrategy):
+    """Clone/split/prune every ``densify_every`` iterations in [``start``, ``stop``); see the module docstring.
 
     scene_extent: a length (mm) for ``percent_dense`` and the default ``min_scale``; None takes the
-    largest side of the bounding box of the centres at the first ``step``. ``grad_threshold``: the
+    largest side of the bounding box of the centres at the first densification. ``grad_threshold``: the
     absolute threshold on the mean position-gradient norm; None uses the ``grad_quantile`` of the
     current gradients instead (a scale-free default, since the gradient scale depends on the loss).
     ``min_scale``/``max_scale``: mm (``min_scale`` None → 0.003·scene_extent; ``max_scale`` None → off).
@@ -69,13 +89,14 @@ class DensityController:
         self._grad_count = 0
 
     @classmethod
-    def for_volume(cls, volume: VolumeGeometry, **options) -> "DensityController":
-        """A controller whose scene extent is the largest side (mm) of ``volume``."""
+    def for_volume(cls, volume: VolumeGeometry, **options) -> "QuantileSplitCloneStrategy":
+        """A strategy whose scene extent is the largest side (mm) of ``volume``."""
         return cls(scene_extent=max(volume.sVoxel), **options)
 
     # ----------------------------------------------------------------- statistics
-    def accumulate(self, field: GaussianField) -> None:
-        """Add this iteration's position-gradient norms (call after ``backward``, before ``zero_grad``)."""
+    def step_post_backward(self, field: GaussianField, optimizer: torch.optim.Optimizer | None,
+                           iteration: int) -> None:
+        """Add this iteration's position-gradient norms (whatever the iteration; the optimiser is not used)."""
         grad = field.means.grad
         if grad is None:
             return
@@ -98,7 +119,8 @@ class DensityController:
         return self.start <= iteration < self.stop and iteration > 0 and iteration % self.densify_every == 0
 
     # ----------------------------------------------------------------- the step
-    def step(self, field: GaussianField, optimizer: torch.optim.Optimizer | None, iteration: int) -> dict | None:
+    def step_post_update(self, field: GaussianField, optimizer: torch.optim.Optimizer | None,
+                         iteration: int) -> dict | None:
         """Densify and prune if ``iteration`` is due; returns counts ``{cloned, split, pruned, total}`` or None."""
         if not self.is_due(iteration):
             return None
@@ -108,7 +130,7 @@ class DensityController:
 
     @torch.no_grad()
     def densify_and_prune(self, field: GaussianField, optimizer: torch.optim.Optimizer | None) -> dict:
-        """One clone/split/prune pass now, whatever the iteration (``step`` schedules it)."""
+        """One clone/split/prune pass now, whatever the iteration (``step_post_update`` schedules it)."""
         n = len(field)
         extent = self._extent(field)
         grads = self.mean_gradients(field).nan_to_num(0.0)

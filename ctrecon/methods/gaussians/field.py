@@ -11,7 +11,7 @@ axes), ``quats`` [N, 4] (w, x, y, z; unnormalised, normalised by :attr:`rotation
 
 The activation is stored with the field (``save``/``load``). Optimiser groups are named
 :data:`GROUP_NAMES` ("means", "log_scales", "quats", "intensities"); :meth:`GaussianField.parameter_groups`
-builds them, and ``densify.DensityController`` relies on the names.
+builds them, and ``densify.QuantileSplitCloneStrategy`` relies on the names.
 """
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ class GaussianField(nn.Module):
         """Keep only the rows ``index`` (bool mask ``[N]`` or integer indices), in place.
 
         The Parameters are replaced by new ones (gradients dropped); an optimiser must be updated
-        (``densify.DensityController`` does it).
+        (``densify.QuantileSplitCloneStrategy`` does it).
         """
         index = torch.as_tensor(index, device=self.means.device)
         if index.dtype == torch.bool and index.shape != (len(self),):

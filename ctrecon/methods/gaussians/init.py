@@ -1,10 +1,19 @@
-"""Initial Gaussian fields from an FDK volume, by name.
+"""Initial Gaussian fields from an FDK volume: initialisers, by name or as objects.
 
 Every initialiser has the signature
 ``fn(fdk_volume [Z, Y, X] tensor, volume_geometry, n_gaussians=50_000, generator=None, **options)
 -> GaussianField`` (centres in world mm, on the FDK tensor's device, float32). ``generator`` is a
-``torch.Generator`` for the random choices (None: torch's global RNG). Others plug in with
-:func:`register_initializer` (the MedGMAE prior registers "medgmae" when ``priors`` is imported).
+``torch.Generator`` for the random choices (None: torch's global RNG). Wherever an initialiser name
+is taken, the initialiser itself may be given instead (:func:`get_initializer` returns it as it is;
+:func:`initializer_name` is the label runs record). Others plug in by name with
+:func:`register_initializer`.
+
+The learned priors' "medgmae" and "medgmae-star" (:class:`priors.zero_shot.PriorInit`) come through
+**the prior hook**, :func:`_register_prior_initializers`, the one place ctrecon reaches ``priors``
+(DESIGN §3, checked by tests/test_layering.py): the first time a name is looked up that is not
+registered, or the names are listed, it imports :mod:`priors.zero_shot` and lets
+:func:`priors.zero_shot.register_initializers` fill the registry (names registered before are kept).
+Importing ctrecon never imports ``priors``.
 
 Built in:
 
@@ -30,6 +39,7 @@ sub-voxel jitter so that the count is always exactly ``n_gaussians``.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -41,8 +51,8 @@ from ctrecon.core.geometry import VolumeGeometry
 from ctrecon.methods.gaussians.field import GaussianField
 from ctrecon.operators.voxelize import DEFAULT_K_SIGMA, voxelize
 
-__all__ = ["get_initializer", "register_initializer", "available_initializers", "fbp_initializer",
-           "r2_initializer"]
+__all__ = ["get_initializer", "register_initializer", "available_initializers", "initializer_name",
+           "fbp_initializer", "r2_initializer"]
 
 DEFAULT_N_GAUSSIANS = 50_000
 _REGISTRY: dict[str, Callable[..., GaussianField]] = {}
@@ -64,15 +74,38 @@ def register_initializer(name: str, fn: Callable[..., GaussianField] | None = No
     return add if fn is None else add(fn)
 
 
-def get_initializer(name: str) -> Callable[..., GaussianField]:
-    """The initialiser registered as ``name``; an :class:`InputError` listing the known names otherwise."""
-    if name not in _REGISTRY:
-        raise InputError(f"unknown initializer {name!r} (available: {', '.join(available_initializers())})")
-    return _REGISTRY[name]
+def get_initializer(init) -> Callable[..., GaussianField]:
+    """The initialiser ``init``: the one registered under a name, or ``init`` itself when it is an
+    initialiser (a callable); an :class:`InputError` listing the known names otherwise."""
+    if callable(init):
+        return init
+    if init not in _REGISTRY:
+        _register_prior_initializers()
+    if init not in _REGISTRY:
+        raise InputError(f"unknown initializer {init!r} (available: {', '.join(available_initializers())})")
+    return _REGISTRY[init]
 
 
 def available_initializers() -> list:
+    """Names of the registered initialisers, the priors' included."""
+    _register_prior_initializers()
     return sorted(_REGISTRY)
+
+
+def initializer_name(init) -> str:
+    """The label of ``init`` in runs and reports: a name as it is; an initialiser's ``name`` attribute
+    (e.g. :class:`priors.zero_shot.PriorInit`'s), else its ``__name__``."""
+    if isinstance(init, str):
+        return init
+    return getattr(init, "name", None) or getattr(init, "__name__", type(init).__name__)
+
+
+@functools.cache  # once: the registry keeps what it registered
+def _register_prior_initializers() -> None:
+    """The prior hook (see the module docstring): the learned priors register their initialisers."""
+    from priors.zero_shot import register_initializers
+
+    register_initializers(lambda name, fn: _REGISTRY.setdefault(name, fn))
 
 
 # --------------------------------------------------------------------------- shared pieces
