@@ -8,7 +8,8 @@ from scipy.spatial.transform import Rotation
 
 from ctrecon.operators import _backend
 from ctrecon.core.errors import InputError
-from ctrecon.operators.voxelize import bounding_half_widths, cpu_voxelizer, render_points, voxelize, voxelize_batch
+from ctrecon.operators.voxelize import (BOX_SLACK, _cpu_grid, bounding_half_widths, cpu_voxelizer, precision_entries,
+                                        render_points, voxelize, voxelize_batch)
 from ctrecon.core.geometry import VolumeGeometry
 
 BACKENDS = ["reference", "cpu"]
@@ -145,6 +146,54 @@ def test_compiled_matches_reference_forward_and_backward(compiled):
     for ref, other in zip(results["reference"], results["cpu"]):
         scale = float(ref.abs().max())
         torch.testing.assert_close(other, ref, atol=1e-5 * scale, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_precision_is_the_reference_bit_for_bit(dtype, compiled):
+    """The CPU kernel forms P with the operations of precision_entries, so every truncation test agrees exactly."""
+    means, scales, quats, intensities = random_gaussians(2000, seed=12, dtype=dtype)
+    prec = cpu_voxelizer.get().forward(means, scales, quats, intensities, *_cpu_grid(VOLUME, dtype), 1, 3.0,
+                                       BOX_SLACK)[1]
+    assert torch.equal(prec, precision_entries(scales, quats))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_precision_backward_is_the_chain_of_precision_entries(dtype, compiled):
+    _, scales, quats, _ = random_gaussians(200, seed=13, dtype=dtype)
+    quats = quats * 3.0  # not normalised
+    grad = torch.randn(200, 6, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    inputs = [t.clone().requires_grad_(True) for t in (scales, quats)]
+    expected = torch.autograd.grad(precision_entries(*inputs), inputs, grad)
+    got = cpu_voxelizer.get().precision_backward(scales, quats, grad)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for value, reference in zip(got, expected):
+        torch.testing.assert_close(value, reference, atol=tol * float(reference.abs().max()), rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_at_the_end_of_the_grid_and_wide_rows(dtype, compiled):
+    """Gaussians over the last rows of the last slice (a pack reads past a row's end) and rows wider than a
+    pack (cut to their x-interval), forward and backward against the reference."""
+    volume = VolumeGeometry((5, 6, 19), (1.0, 1.0, 1.0))
+    corner = torch.tensor([9.0, 2.5, 2.0], dtype=dtype)  # the centre of the last voxel (x, y, z)
+    g = torch.Generator().manual_seed(14)
+    means = corner + torch.rand(12, 3, generator=g, dtype=dtype) * torch.tensor([-18.0, -3.0, -2.0], dtype=dtype)
+    means[0] = corner
+    scales = torch.rand(12, 3, generator=g, dtype=dtype) * 0.8 + 0.4
+    scales[::3, 0] = 3.5  # boxes 21 voxels wide
+    quats = torch.randn(12, 4, generator=g, dtype=dtype)
+    intensities = torch.rand(12, generator=g, dtype=dtype) + 0.5
+    weights = torch.rand(volume.shape, generator=g, dtype=dtype)
+    results = {}
+    for name in ("reference", "cpu"):
+        inputs = [t.clone().requires_grad_(True) for t in (means, scales, quats, intensities)]
+        out = voxelize(*inputs, volume, backend=name)
+        (out * weights).sum().backward()
+        results[name] = [out.detach()] + [t.grad for t in inputs]
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for reference, value in zip(results["reference"], results["cpu"]):
+        torch.testing.assert_close(value, reference, atol=tol * float(reference.abs().max()), rtol=tol)
+    assert float(results["reference"][0][-1, -1, -1]) > 0.1
 
 
 @pytest.mark.parametrize("batch_path", ["reference", "cpu", "points"])

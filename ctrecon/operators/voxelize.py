@@ -35,8 +35,10 @@ Backends (``backend=``, resolved by :func:`ctrecon.operators._backend.select`):
   processing (Gaussian, voxel) pairs in chunks of ``chunk_size`` elements; no N_gaussians × N_voxels
   tensor is ever formed. The backward pass recomputes each chunk instead of storing intermediates.
 * ``"cpu"``: the compiled C++/OpenMP kernel of :func:`voxelize` (``csrc/voxelize_cpu.cpp``, float32 and
-  float64), which needs the Gaussians of each item sorted by box start (done here, differentiably).
-  :func:`render_points` has none.
+  float64, vectorised), one call per render from means, scales, quats and intensities: it forms the
+  precision entries (bit-identical to :func:`precision_entries`) and the boxes, sorts the Gaussians by box
+  start and renders; its backward returns moments like the CUDA kernels' and carries the gradient of the
+  precision entries to scales and quaternions itself (:class:`_CpuVoxelize`). :func:`render_points` has none.
 * ``"cuda"``: the tile-based CUDA kernels (``cuda/voxelize.cu``, float32) of both functions, gsplat-style:
   sites (voxels, or the reference's point cells ``_PointPairs``) lie on an integer lattice cut into
   tiles (:data:`DENSE_TILE` voxels, :data:`POINT_TILE` cells) and each Gaussian has the reference's
@@ -82,15 +84,19 @@ cpu_voxelizer = _backend.cpu_extension("cpu_voxelizer", "voxelize_cpu.cpp", ["co
 
 # --------------------------------------------------------------------------- covariance algebra
 def quaternion_to_rotation(quats: torch.Tensor) -> torch.Tensor:
-    """Rotation matrices ``[..., 3, 3]`` of quaternions ``[..., 4]`` (w, x, y, z), normalised first."""
-    q = quats / quats.norm(dim=-1, keepdim=True)
-    w, x, y, z = q.unbind(-1)
+    """Rotation matrices ``[..., 3, 3]`` of quaternions ``[..., 4]`` (w, x, y, z), normalised.
+
+    Formed without a square root, R = I + (2/|q|²)·(…), by elementwise operations in a fixed order, which the
+    CPU kernel repeats operation by operation (csrc/voxelize_cpu.cpp ``rotation_of``).
+    """
+    w, x, y, z = quats.unbind(-1)
+    s = 2 / (((w * w + x * x) + y * y) + z * z)
     rows = (
-        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+        1 - s * (y * y + z * z), s * (x * y - w * z), s * (x * z + w * y),
+        s * (x * y + w * z), 1 - s * (x * x + z * z), s * (y * z - w * x),
+        s * (x * z - w * y), s * (y * z + w * x), 1 - s * (x * x + y * y),
     )
-    return torch.stack(rows, dim=-1).reshape(*q.shape[:-1], 3, 3)
+    return torch.stack(rows, dim=-1).reshape(*quats.shape[:-1], 3, 3)
 
 
 def covariance_matrices(scales: torch.Tensor, quats: torch.Tensor) -> torch.Tensor:
@@ -99,12 +105,20 @@ def covariance_matrices(scales: torch.Tensor, quats: torch.Tensor) -> torch.Tens
     return (rot * (scales * scales).unsqueeze(-2)) @ rot.transpose(-1, -2)
 
 
+#: Rows and columns of the precision entries (Pxx, Pxy, Pxz, Pyy, Pyz, Pzz).
+_ENTRY_ROWS, _ENTRY_COLUMNS = [0, 0, 0, 1, 1, 2], [0, 1, 2, 1, 2, 2]
+
+
 def precision_entries(scales: torch.Tensor, quats: torch.Tensor) -> torch.Tensor:
-    """Upper triangle of Σ⁻¹ = R diag(s⁻²) Rᵀ as ``[..., 6]`` = (Pxx, Pxy, Pxz, Pyy, Pyz, Pzz)."""
+    """Upper triangle of Σ⁻¹ = R diag(s⁻²) Rᵀ as ``[..., 6]`` = (Pxx, Pxy, Pxz, Pyy, Pyz, Pzz).
+
+    P_ab = (t_a0·R_b0 + t_a1·R_b1) + t_a2·R_b2 with t_ac = R_ac·(1/s_c²): elementwise operations in this order,
+    which the CPU kernel repeats (csrc/voxelize_cpu.cpp ``precision_of``), so its P is bit-identical.
+    """
     rot = quaternion_to_rotation(quats)
-    prec = (rot * (1.0 / (scales * scales)).unsqueeze(-2)) @ rot.transpose(-1, -2)
-    return torch.stack([prec[..., 0, 0], prec[..., 0, 1], prec[..., 0, 2],
-                        prec[..., 1, 1], prec[..., 1, 2], prec[..., 2, 2]], dim=-1)
+    weighted = rot * torch.reciprocal(scales * scales).unsqueeze(-2)
+    terms = weighted[..., _ENTRY_ROWS, :] * rot[..., _ENTRY_COLUMNS, :]
+    return (terms[..., 0] + terms[..., 1]) + terms[..., 2]
 
 
 def bounding_half_widths(scales: torch.Tensor, quats: torch.Tensor, k_sigma: float) -> torch.Tensor:
@@ -344,47 +358,41 @@ class _ReferenceSum(torch.autograd.Function):
 
 # --------------------------------------------------------------------------- compiled CPU kernel
 def _cpu_grid(volume: VolumeGeometry, dtype):
-    xs, ys, zs = (t.contiguous() for t in _axis_tables(volume, dtype, torch.device("cpu")))
-    return xs, ys, zs, float(volume.axis_centres(2)[0]), float(volume.dVoxel[2])
+    """Arguments of the CPU kernel for ``volume``: the axis tables x, y, z, the first voxel centre and the spacing
+    (x, y, z)."""
+    tables = [t.contiguous() for t in _axis_tables(volume, dtype, torch.device("cpu"))]
+    first = [float(volume.axis_centres(axis)[0]) for axis in (2, 1, 0)]
+    return (*tables, first, [float(d) for d in volume.dVoxel[::-1]])
 
 
 class _CpuVoxelize(torch.autograd.Function):
-    """Flat ``[B·Z·Y·X]`` render with the CPU extension (inputs sorted by box start, see :func:`_cpu_voxelize`)."""
+    """Flat ``[B·Z·Y·X]`` render with the CPU extension ``module``, from means, scales, quats and intensities
+    ``[B·N, …]``: the extension forms the precision entries (those of :func:`precision_entries`, bit for bit) and
+    the boxes, sorts the Gaussians and renders; the backward returns its moments in the caller's order, turned into
+    gradients by :func:`gradients_from_moments` and carried from the precision entries to the scales and
+    quaternions by the extension (the chain of :func:`precision_entries`)."""
 
     @staticmethod
-    def forward(ctx, module, means, prec, intensities, lo, hi, volume, batch, k2):
-        xs, ys, zs, x0, dx = _cpu_grid(volume, means.dtype)
-        tensors = [t.contiguous() for t in (means, prec, intensities)]
-        lo, hi = lo.contiguous(), hi.contiguous()
-        ctx.save_for_backward(*tensors, lo, hi, xs, ys, zs)
-        ctx.module, ctx.args = module, (batch, x0, dx, k2)
-        return module.forward(*tensors, lo, hi, xs, ys, zs, batch, x0, dx, k2).reshape(-1)
+    def forward(ctx, module, means, scales, quats, intensities, volume, batch, k):
+        grid = _cpu_grid(volume, means.dtype)
+        scales, quats, intensities = (t.contiguous() for t in (scales, quats, intensities))
+        out, prec, *prepared = module.forward(means.contiguous(), scales, quats, intensities, *grid, batch, k,
+                                              BOX_SLACK)
+        ctx.save_for_backward(scales, quats, intensities, prec, *prepared, *grid[:3])
+        ctx.module, ctx.args = module, (*grid[3:], batch, k)
+        return out.reshape(-1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        means, prec, intensities, lo, hi, xs, ys, zs = ctx.saved_tensors
-        grad_means, grad_prec, grad_i = ctx.module.backward(grad_out.contiguous(), means, prec, intensities, lo, hi,
-                                                            xs, ys, zs, *ctx.args)
+        scales, quats, intensities, prec, *prepared = ctx.saved_tensors
+        moments = ctx.module.moments(grad_out.contiguous(), *prepared, *ctx.args)
+        grad_means, grad_prec, grad_i = gradients_from_moments(moments, prec, intensities)
         needs = ctx.needs_input_grad
-        return (None, grad_means if needs[1] else None, grad_prec if needs[2] else None,
-                grad_i if needs[3] else None, None, None, None, None, None)
-
-
-def _cpu_voxelize(module, means, prec, intensities, lo, hi, volume: VolumeGeometry, batch: int,
-                  k2: float) -> torch.Tensor:
-    """Flat ``[B·Z·Y·X]`` render with the CPU extension ``module`` (inputs as prepared by :func:`voxelize`).
-
-    The kernel needs the Gaussians of each item sorted by box start (z, y, x); the permutation is
-    applied here with differentiable indexing, so gradients come back in the caller's order.
-    """
-    Z, Y, X = volume.nVoxel
-    n_per_item = max(means.shape[0] // max(batch, 1), 1)
-    item = torch.arange(means.shape[0]) // n_per_item
-    start = torch.minimum(lo, torch.tensor([X, Y, Z]))  # empty boxes may start beyond the grid
-    key = ((item * (Z + 1) + start[:, 2]) * (Y + 1) + start[:, 1]) * (X + 1) + start[:, 0]
-    order = torch.argsort(key, stable=True)
-    return _CpuVoxelize.apply(module, means[order], prec[order], intensities[order], lo[order], hi[order], volume,
-                              int(batch), float(k2))
+        grad_scales = grad_quats = None
+        if needs[2] or needs[3]:
+            grad_scales, grad_quats = ctx.module.precision_backward(scales, quats, grad_prec.contiguous())
+        return (None, grad_means if needs[1] else None, grad_scales if needs[2] else None,
+                grad_quats if needs[3] else None, grad_i if needs[4] else None, None, None, None)
 
 
 # --------------------------------------------------------------------------- CUDA kernels
@@ -529,19 +537,19 @@ def voxelize(means: torch.Tensor, scales: torch.Tensor, quats: torch.Tensor, int
     kernels = _backend.select(backend, means.device, means.dtype, operator="voxelizer", cpu=cpu_voxelizer)
     B, N = means.shape[:2]
     Z, Y, X = volume.nVoxel
-    prec = precision_entries(scales, quats).reshape(B * N, 6)
-    half = bounding_half_widths(scales.detach(), quats.detach(), k).reshape(B * N, 3)
-    flat_means = means.reshape(B * N, 3)
-    lo, hi = _voxel_boxes(flat_means, half, volume)
+    flat_means, flat_scales, flat_quats = means.reshape(B * N, 3), scales.reshape(B * N, 3), quats.reshape(B * N, 4)
     flat_i = intensities.reshape(B * N)
-    if kernels.backend == "cuda":
-        plan = _DensePlan(kernels.module, lo, hi, volume, B, N, means.device)
-        out = _CudaRender.apply(flat_means, prec, flat_i, plan, k * k)
-    elif kernels.backend == "cpu":
-        out = _cpu_voxelize(kernels.module, flat_means, prec, flat_i, lo, hi, volume, B, k * k)
+    if kernels.backend == "cpu":
+        out = _CpuVoxelize.apply(kernels.module, flat_means, flat_scales, flat_quats, flat_i, volume, B, k)
     else:
-        pairs = _GridPairs(flat_means, lo, hi, volume, max(N, 1), int(chunk_size))
-        out = _ReferenceSum.apply(flat_means, prec, flat_i, pairs, B * Z * Y * X, k * k)
+        prec = precision_entries(flat_scales, flat_quats)
+        lo, hi = _voxel_boxes(flat_means, bounding_half_widths(flat_scales.detach(), flat_quats.detach(), k), volume)
+        if kernels.backend == "cuda":
+            plan = _DensePlan(kernels.module, lo, hi, volume, B, N, means.device)
+            out = _CudaRender.apply(flat_means, prec, flat_i, plan, k * k)
+        else:
+            pairs = _GridPairs(flat_means, lo, hi, volume, max(N, 1), int(chunk_size))
+            out = _ReferenceSum.apply(flat_means, prec, flat_i, pairs, B * Z * Y * X, k * k)
     out = out.reshape(B, Z, Y, X)
     return out if batched else out[0]
 
