@@ -56,6 +56,22 @@ def cli():
     """
 
 
+class _Iterations(click.ParamType):
+    """``--iters``: a number of iterations, or ``auto`` (until the data residual stops improving); the
+    settings' validation refuses anything else with one line."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        try:
+            return int(value)
+        except ValueError:
+            return value
+
+
+ITERATIONS = _Iterations()
+
+
 def _parse_numbers(text: str, option: str, *, count: int, kind: type, allow_single: bool = False) -> tuple:
     """``"64,128,128"`` → a tuple of ``count`` positive numbers (or one, when ``allow_single``)."""
     what = f"{count} positive {'integers' if kind is int else 'numbers'} separated by commas"
@@ -342,6 +358,28 @@ def _config_settings(config_path) -> dict:
     return ReconstructConfig.flat_settings(settings.get("config", settings))
 
 
+OPTIMIZER_HELP = ("Optimiser: 'preconditioned' (ramp-filtered residual, schedules tied to the run, --iters auto; "
+                  "measured fastest, see data/README.md) or '3dgr' (3DGR-CT's, faithful) [default: preconditioned; "
+                  "a --config file that names no method is read as 3dgr, the only one before there was a choice].")
+
+
+def _reconstruct_config(config_path, optimizer, overrides: dict, *, no_densify: bool, stop_at_thresholds: bool,
+                        init_options: dict | None = None):
+    """The ReconstructConfig of a command: the --config file, then the options that were given."""
+    from ctrecon.pipeline.reconstruct import ReconstructConfig
+
+    settings = _config_settings(config_path)
+    settings["method"] = optimizer or settings.get("method") or ("3dgr" if config_path else "preconditioned")
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    if init_options:
+        settings["init_options"] = {**settings.get("init_options", {}), **init_options}
+    if no_densify:
+        settings["strategy"] = None
+    if stop_at_thresholds:
+        settings["stop_at_thresholds"] = True
+    return ReconstructConfig.from_dict(settings)
+
+
 def _case_name(scan, scan_path: str) -> str:
     """Name of the imaged case for reports: meta "case", else the source file named in meta "source"
     (e.g. "NIfTI chest.nii.gz (...)" -> "chest"), else the scan file's stem."""
@@ -386,8 +424,11 @@ def _prior_initializers(inits, prior) -> tuple:
 @click.option("--init-option", "init_options", multiple=True, metavar="KEY=VALUE",
               help="Keyword option of the initialiser (JSON value), e.g. scale_factor=1.0 (fbp) or overlap=0.75 "
                    f"(medgmae*: window overlap, default {INIT_OVERLAP}); repeatable.")
-@click.option("--iters", type=int, default=None, help="Iterations [default: 15000].")
-@click.option("--views-per-iter", type=int, default=None, help="Random views per iteration (0: all) [default: 0].")
+@click.option("--iters", type=ITERATIONS, default=None,
+              help="Iterations, or 'auto': until the data residual stops improving (no ground truth needed; "
+                   "capped by max_iterations, 3000) [default: auto (preconditioned), 15000 (3dgr)].")
+@click.option("--views-per-iter", type=int, default=None,
+              help="Random views per iteration (0: all) [default: 40 (preconditioned), 0 (3dgr)].")
 @click.option("--eval-every", type=int, default=None, help="Evaluate every E iterations [default: 100].")
 @click.option("--n-gaussians", type=int, default=None, help="Initial Gaussian count [default: 50000].")
 @click.option("--max-gaussians", type=int, default=None, help="Cap for densification [default: 200000].")
@@ -396,6 +437,7 @@ def _prior_initializers(inits, prior) -> tuple:
 @click.option("--tv", type=float, default=None, help="Weight of 3-D TV of the volume [default: 0].")
 @click.option("--coarse-iters", type=int, default=None,
               help="First iterations at half resolution (3DGR-CT low-res stage) [default: 0].")
+@click.option("--optimizer", type=click.Choice(["preconditioned", "3dgr"]), default=None, help=OPTIMIZER_HELP)
 @click.option("--no-densify", is_flag=True, help="Keep the Gaussian count fixed (no clone/split/prune).")
 @click.option("--stop-at-psnr", type=float, default=None, help="Stop once PSNR reaches this (dB).")
 @click.option("--stop-at-thresholds", is_flag=True, help="Stop once PSNR 35 dB and SSIM 0.90 are both reached.")
@@ -405,7 +447,7 @@ def _prior_initializers(inits, prior) -> tuple:
 @click.option("--out", required=True, type=click.Path(), help="Run folder to write.")
 @common_options
 def reconstruct(scan_path, init, init_gaussians, prior, init_options, iters, views_per_iter, eval_every, n_gaussians, max_gaussians,
-                loss, dssim, tv, coarse_iters, no_densify, stop_at_psnr, stop_at_thresholds, config_path, case,
+                loss, dssim, tv, coarse_iters, optimizer, no_densify, stop_at_psnr, stop_at_thresholds, config_path, case,
                 out, device, seed):
     """3DGR-CT: optimise Gaussians against the projections of SCAN (a scan .npz).
 
@@ -430,25 +472,20 @@ def reconstruct(scan_path, init, init_gaussians, prior, init_options, iters, vie
 
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--out {out} exists and is not a folder")
-    settings = _config_settings(config_path)
-    overrides = {"iterations": iters, "views_per_iter": views_per_iter, "eval_every": eval_every,
-                 "n_gaussians": n_gaussians, "max_gaussians": max_gaussians, "loss": loss, "lambda_dssim": dssim,
-                 "lambda_tv": tv, "coarse_iterations": coarse_iters, "stop_at_psnr": stop_at_psnr}
-    settings.update({k: v for k, v in overrides.items() if v is not None})
+    options = {}
     for item in init_options:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise InputError(f"--init-option must be KEY=VALUE, got {item!r}")
         try:
-            value = json.loads(value)
+            options[key] = json.loads(value)
         except json.JSONDecodeError:
-            pass  # a plain string
-        settings.setdefault("init_options", {})[key] = value
-    if no_densify:
-        settings["strategy"] = None
-    if stop_at_thresholds:
-        settings["stop_at_thresholds"] = True
-    config = ReconstructConfig.from_dict(settings)
+            options[key] = value  # a plain string
+    overrides = {"iterations": iters, "views_per_iter": views_per_iter, "eval_every": eval_every,
+                 "n_gaussians": n_gaussians, "max_gaussians": max_gaussians, "loss": loss, "lambda_dssim": dssim,
+                 "lambda_tv": tv, "coarse_iterations": coarse_iters, "stop_at_psnr": stop_at_psnr}
+    config = _reconstruct_config(config_path, optimizer, overrides, no_densify=no_densify,
+                                 stop_at_thresholds=stop_at_thresholds, init_options=options)
     init_field, initializer = None, init
     if prior is not None and (init not in PRIOR_INITS or init_gaussians is not None):
         raise InputError(f"--prior is for --init {' or '.join(PRIOR_INITS)} (without --init-gaussians)")
@@ -469,7 +506,7 @@ def reconstruct(scan_path, init, init_gaussians, prior, init_options, iters, vie
     def progress(p):
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=config.schedule.iterations, desc=f"3DGR-CT ({init})", unit="it", dynamic_ncols=True)
+            bar = tqdm(total=config.iteration_cap, desc=f"3DGR-CT ({init})", unit="it", dynamic_ncols=True)
         if p.iteration:
             bar.update(1)
         if p.evaluation is not None and p.evaluation["psnr"] is not None:
@@ -661,12 +698,14 @@ def _benchmark_events(echo):
 @click.option("--views", default="80,120,160", show_default=True, help="View counts, comma-separated.")
 @click.option("--inits", default="fbp,medgmae,medgmae-star", show_default=True,
               help="Initialisations, comma-separated (fbp, r2, medgmae, medgmae-star).")
-@click.option("--iters", type=click.IntRange(min=1), default=None, help="Iterations per run [default: 15000].")
+@click.option("--iters", type=ITERATIONS, default=None,
+              help="Iterations per run, or 'auto' [default: auto (preconditioned), 15000 (3dgr)].")
 @click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Evaluate every E iterations [default: 100].")
 @click.option("--views-per-iter", type=click.IntRange(min=0), default=None,
-              help="Random views per iteration (0: all) [default: 0].")
+              help="Random views per iteration (0: all) [default: 40 (preconditioned), 0 (3dgr)].")
 @click.option("--n-gaussians", type=click.IntRange(min=1), default=None,
               help="Initial Gaussians (fbp/r2; a cap for the priors) [default: 50000].")
+@click.option("--optimizer", type=click.Choice(["preconditioned", "3dgr"]), default=None, help=OPTIMIZER_HELP)
 @click.option("--no-densify", is_flag=True, help="Keep the Gaussian count fixed (no clone/split/prune).")
 @click.option("--stop-at-thresholds", is_flag=True, help="Stop each run once PSNR 35 dB and SSIM 0.90 are reached.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
@@ -678,7 +717,7 @@ def _benchmark_events(echo):
 @click.option("--spacing", default=None, metavar="MM", help="Resample every case to this voxel size: one number or DZ,DY,DX.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Benchmark folder to write.")
 @common_options
-def benchmark(cases, views, inits, iters, eval_every, views_per_iter, n_gaussians, no_densify, stop_at_thresholds,
+def benchmark(cases, views, inits, iters, eval_every, views_per_iter, n_gaussians, optimizer, no_densify, stop_at_thresholds,
               config_path, prior, crop, shape, spacing, out, device, seed):
     """The paper's Table 4: simulate each CASE at each view count, reconstruct with every initialisation.
 
@@ -702,15 +741,10 @@ def benchmark(cases, views, inits, iters, eval_every, views_per_iter, n_gaussian
     spacing = _parse_numbers(spacing, "--spacing", count=3, kind=float, allow_single=True) if spacing else None
     if shape is not None and spacing is not None:
         raise InputError("--shape and --spacing are mutually exclusive: give one")
-    settings = _config_settings(config_path)
     overrides = {"iterations": iters, "eval_every": eval_every, "views_per_iter": views_per_iter,
                  "n_gaussians": n_gaussians}
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    if no_densify:
-        settings["strategy"] = None
-    if stop_at_thresholds:
-        settings["stop_at_thresholds"] = True
-    config = ReconstructConfig.from_dict(settings)
+    config = _reconstruct_config(config_path, optimizer, overrides, no_densify=no_densify,
+                                 stop_at_thresholds=stop_at_thresholds)
     initializers, priors = _prior_initializers(init_names, prior)
     result = run_benchmark(cases, view_counts, initializers, config, out, device=device, seed=seed, crop=crop, shape=shape,
                            spacing=spacing[0] if spacing and len(spacing) == 1 else spacing, priors=priors,
@@ -726,11 +760,15 @@ def benchmark(cases, views, inits, iters, eval_every, views_per_iter, n_gaussian
 @click.option("--full", "profile", flag_value="full", default=None,
               help="Full-size case, all views per iteration (the default on a GPU).")
 @click.option("--cpu-size", "profile", flag_value="cpu", help="The reduced CPU case (the default without a GPU).")
-@click.option("--iters", type=click.IntRange(min=1), default=None, help="Iterations per initialisation.")
+@click.option("--iters", type=click.IntRange(min=1), default=None,
+              help="Iterations per initialisation [default: until the residual stops improving (preconditioned), "
+                   "150 on the CPU case (3dgr)].")
+@click.option("--optimizer", type=click.Choice(["preconditioned", "3dgr"]), default="preconditioned",
+              show_default=True, help="Optimiser of every run (see `ctrecon reconstruct --help`).")
 @click.option("--crop", default=None, metavar="Z,Y,X",
               help="Voxels of the centre crop in the CPU case [default: 24,64,64].")
 @common_options
-def demo(out, profile, iters, crop, device, seed):
+def demo(out, profile, iters, optimizer, crop, device, seed):
     """The whole pipeline on the shipped real CT, with no arguments.
 
     Simulates a 120-view cone-beam scan of data/sample_abdomen_small.nii.gz, reconstructs it with
@@ -752,8 +790,8 @@ def demo(out, profile, iters, crop, device, seed):
     start = time.perf_counter()
     crop = _parse_numbers(crop, "--crop", count=3, kind=int) if crop is not None else CPU_CROP
     _, priors = _prior_initializers(DEMO_INITS, None)
-    summary = run_demo(out, device=device, profile=profile, iterations=iters, crop=crop, seed=seed, priors=priors,
-                       events=_benchmark_events(click.echo))
+    summary = run_demo(out, device=device, profile=profile, iterations=iters, optimizer=optimizer, crop=crop, seed=seed,
+                       priors=priors, events=_benchmark_events(click.echo))
     click.echo("")
     click.echo(summary["markdown"])
     click.echo(f"demo finished in {time.perf_counter() - start:.0f} s; report: {summary['summary']}")

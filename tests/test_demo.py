@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctrecon.pipeline.demo import CPU_CROP, DEMO_CASE, DEMO_INITS, demo_config
+from ctrecon.pipeline.demo import CPU_CROP, CPU_MAX_ITERATIONS, DEMO_CASE, DEMO_INITS, demo_config
 from ctrecon.methods.gaussians import GaussianField
 
 from cli_helpers import run_cli
@@ -44,9 +44,14 @@ def test_demo_runs_the_whole_pipeline_and_reports(tmp_path):
 
 
 def test_demo_profiles():
-    cpu, full = demo_config("cpu"), demo_config("full")
+    cpu, full = demo_config("cpu", optimizer="3dgr"), demo_config("full", optimizer="3dgr")
     assert cpu.schedule.views_per_iter == 10 and full.schedule.views_per_iter == 0
     assert full.schedule.iterations > cpu.schedule.iterations
+    cpu, full = demo_config("cpu"), demo_config("full")  # the default optimiser: its own stopping rule
+    assert cpu.optimizer.method == full.optimizer.method == "preconditioned"
+    assert cpu.schedule.iterations == full.schedule.iterations == "auto"
+    assert cpu.iteration_cap == CPU_MAX_ITERATIONS and full.schedule.views_per_iter == 0
+    assert demo_config("cpu", 40).schedule.iterations == 40
     assert DEMO_CASE.is_file() and all(c <= n for c, n in zip(CPU_CROP, (30, 101, 122)))
     with pytest.raises(ValueError, match="profile"):
         demo_config("tiny")

@@ -14,8 +14,9 @@ from ctrecon.core.io import Scan, save_scan
 from ctrecon.core.phantoms import Ellipsoid, ellipsoid_volume
 from ctrecon.operators.projector import Projector
 from ctrecon.methods.gaussians import DensityStrategy
-from ctrecon.pipeline.reconstruct import (SECTIONS, NonFiniteLossError, ReconstructConfig, _ViewCycle, coarse_lattice,
-                                          learning_rates, projection_ssim, reconstruct, total_variation)
+from ctrecon.pipeline.reconstruct import (OPTIMIZER_METHODS, SECTIONS, NonFiniteLossError, ReconstructConfig, Trainer,
+                                          _ViewCycle, coarse_lattice, learning_rates, projection_ssim, reconstruct,
+                                          residual_converged, total_variation)
 
 from cli_helpers import run_cli
 
@@ -184,6 +185,82 @@ def test_learning_rate_schedules_and_config_validation():
             ReconstructConfig.from_dict(bad)
 
 
+def test_preconditioned_step_backpropagates_the_ramp_filtered_residual(scan):
+    from ctrecon.methods.gaussians import get_initializer
+    from ctrecon.operators.fdk import fdk, filter_projections, filter_response
+
+    config = small_config(method="preconditioned", views_per_iter=0, iterations=1, lambda_tv=0.01)
+    field = get_initializer("fbp")(fdk(scan.projections, scan.geometry), scan.geometry.volume, 300,
+                                   torch.Generator().manual_seed(0))
+    trainer = Trainer(scan, field, config, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0),
+                      regularizer=None, init="fbp", init_seconds=0.0)
+    params = list(field.raw_parameters().values())
+    volume = field.render(scan.geometry.volume)
+    predicted = Projector(scan.geometry)(volume) / trainer.projection_scale
+    residual = (predicted - trainer.target).detach()
+    response, _ = filter_response(scan.geometry.nDetector[1],
+                                  scan.geometry.dDetector[1] * scan.geometry.DSO / scan.geometry.DSD)
+    filtered = filter_projections(residual, scan.geometry) * 2 / (residual.numel() * np.sqrt(np.mean(response ** 2)))
+    expected = torch.autograd.grad([predicted, 0.01 * total_variation(volume)], params, [filtered, None])
+    trainer.step(1)  # the same render and projection, then Adam: read the gradients Adam saw from its first moment
+    for param, grad in zip(params, expected):
+        first_moment = trainer.optimizer.state[param]["exp_avg"]
+        torch.testing.assert_close(first_moment, 0.1 * grad, rtol=1e-4, atol=1e-12)
+    assert float((residual * filter_projections(residual, scan.geometry)).sum()) > 0  # a descent direction in r
+
+
+def test_optimizer_methods_fill_in_their_settings(scan):
+    fast = ReconstructConfig.from_dict({"method": "preconditioned"})
+    for name, value in OPTIMIZER_METHODS["preconditioned"].items():
+        section = next(s for s in SECTIONS if hasattr(getattr(fast, s), name))
+        assert getattr(getattr(fast, section), name) == value
+    assert ReconstructConfig.from_dict({"method": "preconditioned", "views_per_iter": 7}).schedule.views_per_iter == 7
+    assert ReconstructConfig.from_dict({}) == ReconstructConfig()  # the library default stays 3DGR-CT's
+    with pytest.raises(InputError, match="unknown optimizer method 'sgd'"):
+        ReconstructConfig.from_dict({"method": "sgd"})
+    with pytest.raises(InputError, match="use loss mse"):
+        ReconstructConfig.from_dict({"method": "preconditioned", "loss": "l1"})
+    result = reconstruct(scan, init="fbp", config=small_config(method="preconditioned", iterations=60), seed=0)
+    assert result.history[-1]["loss"] < result.history[1]["loss"] / 5
+    assert result.final["psnr"] > result.history[0]["psnr"] + 3.0
+
+
+def test_residual_rule_compares_whole_consecutive_windows():
+    falling = [1.0 / (1 + t) for t in range(40)]
+    assert not residual_converged(falling, 10, 0.01)            # still improving by far more than 1 %
+    assert not residual_converged([1.0] * 19, 10, 0.01)         # fewer than two windows
+    assert residual_converged([1.0] * 20, 10, 0.01)             # no improvement between the two windows
+    assert not residual_converged([1.0] * 21, 10, 0.01)         # only at whole windows
+    assert residual_converged([1.0] * 10 + [0.995] * 10, 10, 0.01)  # 0.5 % < 1 %
+    assert not residual_converged([1.0] * 10 + [0.98] * 10, 10, 0.01)
+
+
+def test_auto_iterations_stop_on_the_residual_without_ground_truth(scan):
+    config = small_config(iterations="auto", max_iterations=400, residual_window=20, residual_tolerance=0.2)
+    blind = Scan(scan.projections, scan.angles, scan.geometry, None, scan.meta)
+    result = reconstruct(blind, init="fbp", config=config, seed=0)
+    assert result.stop_reason == "data residual converged"
+    assert result.iterations % 20 == 0 and 40 <= result.iterations < 400
+    assert result.final is None and result.history[-1]["iteration"] == result.iterations
+    with_truth = reconstruct(scan, init="fbp", config=config, seed=0)  # the same run, now with PSNR where it stopped
+    assert with_truth.iterations == result.iterations and with_truth.final["psnr"] > with_truth.history[0]["psnr"]
+    capped = reconstruct(scan, init="fbp", config=small_config(iterations="auto", max_iterations=30), seed=0)
+    assert capped.iterations == 30 and capped.stop_reason == "completed"
+    with pytest.raises(InputError, match='iterations must be a positive integer or "auto"'):
+        small_config(iterations="many")
+    with pytest.raises(InputError, match="residual_tolerance"):
+        small_config(iterations="auto", residual_tolerance=1.5)
+
+
+def test_decays_follow_the_run_length_when_not_given():
+    config = ReconstructConfig.from_dict({"iterations": 400, "lr_decay_steps": None, "intensity_lr_final": 0.005})
+    assert config.decay_steps == 400
+    assert learning_rates(400, config, 1.0)["intensities"] == pytest.approx(0.005)
+    assert learning_rates(200, config, 1.0)["intensities"] == pytest.approx(math.sqrt(0.05 * 0.005))
+    auto = ReconstructConfig.from_dict({"iterations": "auto", "lr_decay_steps": None, "max_iterations": 900})
+    assert auto.iteration_cap == auto.decay_steps == 900
+
+
 def test_config_sections_read_nested_flat_and_old_files():
     nested = ReconstructConfig.from_dict({"schedule": {"iterations": 200, "views_per_iter": 10},
                                           "density": {"strategy": None}})
@@ -256,6 +333,24 @@ def test_cli_writes_every_file_with_the_metrics_contract(scan_file, tmp_path):
     again = tmp_path / "again"
     assert run_cli(["reconstruct", scan_file, "--config", out / "config.json", "--out", again])[0] == 0
     assert json.loads((again / "metrics.json").read_text())["history"][-1]["loss"] == metrics["history"][-1]["loss"]
+
+
+def test_cli_optimizer_default_choice_and_config_files(scan_file, tmp_path):
+    def method_of(*options):
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        assert run_cli(["reconstruct", scan_file, "--iters", 5, "--n-gaussians", 100, *options, "--out", out])[0] == 0
+        return json.loads((out / "config.json").read_text())["config"]["optimizer"]["method"], out
+
+    default, run = method_of()
+    assert default == "preconditioned"
+    assert method_of("--optimizer", "3dgr")[0] == "3dgr"
+    assert method_of("--config", run / "config.json")[0] == "preconditioned"  # a run's config keeps its method
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps({"views_per_iter": 5}))
+    assert method_of("--config", flat)[0] == "3dgr"  # files from before the choice are 3DGR-CT's
+    assert method_of("--config", flat, "--optimizer", "preconditioned")[0] == "preconditioned"
+    code, _, err = run_cli(["reconstruct", scan_file, "--iters", "0", "--out", tmp_path / "bad"])
+    assert code == 2 and 'positive integer or "auto"' in err and not (tmp_path / "bad").exists()
 
 
 def test_cli_ctrl_c_writes_what_was_reached(scan_file, tmp_path, monkeypatch):

@@ -93,6 +93,11 @@ def test_group_statistics_and_never_reached(synthetic_runs, tmp_path):
     assert csv_rows[0]["ssim90_iteration_mean"] == ""  # never reached: empty, not zero
     saved = json.loads((out / "stats.json").read_text())
     assert saved["groups"] == result["groups"] and saved["tests"] == result["tests"]
+    stops = (out / "report.md").read_text().split("## Where each run stopped")[1].split("##")[0]
+    assert stops.count("\n| ") == 1 + len(synthetic_runs)  # a header and one row per run
+    for _, metrics in synthetic_runs.values():
+        assert f"| {metrics['iterations']} | {metrics.get('stop_reason', 'completed')} | {metrics['final']['psnr']:.2f} |" \
+            in stops
 
 
 def test_paired_t_tests_match_scipy(synthetic_runs, tmp_path):

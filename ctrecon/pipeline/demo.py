@@ -5,11 +5,15 @@ initialisations (3DGR-CT's fbp, zero-shot MedGMAE, zero-shot MedGMAE*) → 3DGR-
 
 Profiles (the case is ``data/sample_abdomen_small.nii.gz``, 122×101×30 voxels at 3 mm, CC BY 4.0):
 
-* ``"cpu"`` (default without CUDA): the central 64×64×24 voxels, ``CPU_ITERATIONS`` iterations of 10
-  random views each (R²-Gaussian's view sampling), 5 000 initial Gaussians for fbp: a few minutes on
-  two cores, enough to show the pipeline and the early convergence, not to reach 35 dB.
-* ``"full"`` (default on CUDA): the whole case, every view in every iteration (3DGR-CT),
-  ``FULL_ITERATIONS`` iterations, 50 000 initial Gaussians for fbp.
+* ``"cpu"`` (default without CUDA): the central 64×64×24 voxels, 5 000 initial Gaussians for fbp;
+  with the default ``preconditioned`` optimiser its library settings (40 views per step, until the
+  data residual stops improving, at most ``CPU_MAX_ITERATIONS``); with ``3dgr`` ``CPU_ITERATIONS``
+  iterations of 10 random views each (R²-Gaussian's view sampling): a few minutes on two cores.
+* ``"full"`` (default on CUDA): the whole case, every view in every iteration (3DGR-CT), 50 000
+  initial Gaussians for fbp; ``preconditioned`` until the residual stops improving, ``3dgr``
+  ``FULL_ITERATIONS`` iterations.
+
+The demo case is held out from every tuning (data/README.md): its settings are the optimisers' own.
 
 Output folder: ``case/`` (the volume used), ``scans/``, ``runs/``, ``report/`` (as ``ctrecon benchmark``
 writes them), ``slices.png`` (axial and coronal centre slices: ground truth, FDK and every
@@ -23,29 +27,40 @@ from typing import Callable, Optional
 from ctrecon.core.errors import InputError
 from ctrecon.core.paths import data_file
 
-__all__ = ["DEMO_CASE", "DEMO_INITS", "DEMO_VIEWS", "CPU_ITERATIONS", "FULL_ITERATIONS", "demo_config", "run_demo"]
+__all__ = ["DEMO_CASE", "DEMO_INITS", "DEMO_VIEWS", "CPU_ITERATIONS", "CPU_MAX_ITERATIONS", "FULL_ITERATIONS",
+           "demo_config", "run_demo"]
 
 DEMO_CASE = data_file("sample_abdomen_small.nii.gz")
 DEMO_INITS = ("fbp", "medgmae", "medgmae-star")
 DEMO_VIEWS = 120
 CPU_ITERATIONS = 150
+CPU_MAX_ITERATIONS = 600
 FULL_ITERATIONS = 3000
 CPU_CROP = (24, 64, 64)  # Z, Y, X voxels around the centre of the case
 
 
-def demo_config(profile: str, iterations: Optional[int] = None):
-    """The :class:`ctrecon.pipeline.reconstruct.ReconstructConfig` of a profile ("cpu" or "full")."""
-    from ctrecon.pipeline.reconstruct import ReconstructConfig
+def demo_config(profile: str, iterations: Optional[int] = None, optimizer: str = "preconditioned"):
+    """The :class:`ctrecon.pipeline.reconstruct.ReconstructConfig` of a profile ("cpu" or "full") and an
+    optimiser method ("preconditioned" or "3dgr"); ``iterations`` fixes the count."""
+    from ctrecon.pipeline.reconstruct import OPTIMIZER_METHODS, ReconstructConfig
 
+    if optimizer not in OPTIMIZER_METHODS:
+        raise InputError(f"unknown optimizer {optimizer!r} (use {', '.join(OPTIMIZER_METHODS)})")
     if profile == "cpu":
-        n = iterations or CPU_ITERATIONS
-        return ReconstructConfig.from_dict({"iterations": n, "views_per_iter": 10, "n_gaussians": 5_000,
-                                            "eval_every": max(1, min(25, n // 6))})
-    if profile == "full":
-        n = iterations or FULL_ITERATIONS
-        return ReconstructConfig.from_dict({"iterations": n, "views_per_iter": 0, "n_gaussians": 50_000,
-                                            "eval_every": max(1, min(100, n // 10))})
-    raise InputError(f"unknown demo profile {profile!r} (use cpu or full)")
+        settings = {"n_gaussians": 5_000, "eval_every": 25}
+        if optimizer == "3dgr":
+            settings.update(views_per_iter=10, iterations=CPU_ITERATIONS)
+        else:
+            settings.update(max_iterations=CPU_MAX_ITERATIONS)
+    elif profile == "full":
+        settings = {"n_gaussians": 50_000, "eval_every": 100, "views_per_iter": 0}
+        if optimizer == "3dgr":
+            settings.update(iterations=FULL_ITERATIONS)
+    else:
+        raise InputError(f"unknown demo profile {profile!r} (use cpu or full)")
+    if iterations is not None:
+        settings.update(iterations=iterations, eval_every=max(1, min(settings["eval_every"], iterations // 6)))
+    return ReconstructConfig.from_dict({"method": optimizer, **settings})
 
 
 def _case_volume(profile: str, folder: Path, crop=CPU_CROP) -> Path:
@@ -93,11 +108,13 @@ def _threshold_text(hit) -> str:
 
 
 def run_demo(out, *, device="cpu", profile: Optional[str] = None, iterations: Optional[int] = None,
-             crop=CPU_CROP, seed: int = 0, priors: Optional[dict] = None, events: Optional[Callable] = None) -> dict:
+             optimizer: str = "preconditioned", crop=CPU_CROP, seed: int = 0, priors: Optional[dict] = None,
+             events: Optional[Callable] = None) -> dict:
     """Run the demo into ``out``; returns the content of ``summary.json`` (plus ``markdown``).
 
     profile: "cpu" or "full" (default: "full" on a CUDA device, else "cpu"). iterations: override the
-    profile's count. crop: the "cpu" profile's centre crop (Z, Y, X voxels). priors: init name →
+    profile's count. optimizer: the method (:func:`demo_config`). crop: the "cpu" profile's centre crop
+    (Z, Y, X voxels). priors: init name →
     prior file, recorded in the runs. ``events`` is passed to :func:`ctrecon.pipeline.benchmark.run_benchmark`.
     """
     import torch
@@ -110,7 +127,7 @@ def run_demo(out, *, device="cpu", profile: Optional[str] = None, iterations: Op
 
     device = torch.device(device)
     profile = profile or ("full" if device.type == "cuda" else "cpu")
-    config = demo_config(profile, iterations)
+    config = demo_config(profile, iterations, optimizer)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a folder")
@@ -130,6 +147,7 @@ def run_demo(out, *, device="cpu", profile: Optional[str] = None, iterations: Op
         final, start = metrics["final"], metrics["history"][0]
         rows.append({"init": init, "run": run_dir, "init_seconds": metrics["init_seconds"],
                      "initial_psnr": start["psnr"], "iterations": metrics["iterations"],
+                     "stop_reason": metrics["stop_reason"],
                      "wall_seconds": metrics["wall_seconds"], "final": final,
                      "n_gaussians_initial": start["n_gaussians"], "n_gaussians_final": metrics["n_gaussians"],
                      "thresholds": metrics["thresholds"]})
@@ -141,19 +159,21 @@ def run_demo(out, *, device="cpu", profile: Optional[str] = None, iterations: Op
     lines = [f"# ctrecon demo ({profile} profile, {device})", "",
              f"Case: {case.name}, {'x'.join(map(str, g.nVoxel))} voxels (Z, Y, X) at "
              f"{'x'.join(f'{d:g}' for d in g.dVoxel)} mm; {g.n_angles}-view circular cone-beam scan (noiseless); "
-             f"3DGR-CT {config.schedule.iterations} iterations, "
-             f"{config.schedule.views_per_iter or 'all'} views per iteration.", "",
+             f"3DGR-CT ({config.optimizer.method} optimizer) "
+             f"{'until the data residual stops improving, at most ' if config.schedule.iterations == 'auto' else ''}"
+             f"{config.iteration_cap} iterations, "
+             f"{config.views_per_step(g.n_angles) or 'all'} views per iteration.", "",
              f"FDK: PSNR {fdk_quality['psnr']:.2f} dB, SSIM {fdk_quality['ssim_slice']:.4f} (axial slices, 3DGR-CT) / "
              f"{fdk_quality['ssim3d']:.4f} (3-D).", "",
              "| init | Gaussians (start) | init s | PSNR at start | final PSNR (dB) | final SSIM slice / 3-D | "
-             "to PSNR 35 dB | to SSIM 0.90 | optimisation s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "to PSNR 35 dB | to SSIM 0.90 | iterations (stop) | optimisation s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         f = row["final"]
         lines.append(f"| {row['init']} | {row['n_gaussians_initial']} | {row['init_seconds']:.1f} | "
                      f"{row['initial_psnr']:.2f} | {f['psnr']:.2f} | {f['ssim_slice']:.4f} / {f['ssim3d']:.4f} | "
                      f"{_threshold_text(row['thresholds']['psnr35'])} | {_threshold_text(row['thresholds']['ssim90'])} | "
-                     f"{row['wall_seconds']:.1f} |")
+                     f"{row['iterations']} ({row['stop_reason']}) | {row['wall_seconds']:.1f} |")
     lines += ["", "Seconds exclude evaluation; 'init s' is FDK + initialisation. SSIM 0.90 uses the axial-slice "
               "SSIM (7x7 window, data range 1).", "",
               f"- slices: {slices}", f"- convergence curves: {out / 'report' / 'curves.png'}",

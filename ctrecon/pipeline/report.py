@@ -183,6 +183,16 @@ def _tests_markdown(tests: Sequence[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------- the report
+def _stops_markdown(runs: Sequence[RunRecord]) -> str:
+    """Where each run stopped and why (e.g. the residual rule of ``iterations="auto"``), with its quality then."""
+    lines = ["| case | views | init | iterations | stop reason | PSNR there (dB) |", "|" + "---|" * 6]
+    for run in runs:
+        psnr = run.final("psnr")
+        lines.append(f"| {run.case} | {run.views} | {run.init} | {run.metrics['iterations']} | "
+                     f"{run.metrics.get('stop_reason', 'completed')} | {'–' if psnr is None else f'{psnr:.2f}'} |")
+    return "\n".join(lines)
+
+
 def build_report(run_dirs: Iterable[str], out_dir: str) -> dict:
     """Compare runs; writes ``report.md``, ``table.csv``, ``curves.png``, ``stats.json`` into ``out_dir``.
 
@@ -211,7 +221,8 @@ def build_report(run_dirs: Iterable[str], out_dir: str) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     stats_out = {"runs": [{"path": r.path, "init": r.init, "views": r.views, "case": r.case} for r in runs],
                  "groups": rows, "tests": tests, "notes": notes}
-    markdown = "\n\n".join(["# Convergence report", table, "## Paired t-tests", _tests_markdown(tests),
+    markdown = "\n\n".join(["# Convergence report", table, "## Where each run stopped", _stops_markdown(runs),
+                            "## Paired t-tests", _tests_markdown(tests),
                             "## Notes", "\n".join(f"- {n}" for n in notes)]) + "\n"
     with atomic_output(os.path.join(out_dir, "report.md")) as tmp:
         with open(tmp, "w", encoding="utf-8") as handle:

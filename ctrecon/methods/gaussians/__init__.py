@@ -8,7 +8,7 @@
     ... loss.backward(); strategy.step_post_backward(field, optimizer, it)
     ... optimizer.step(); optimizer.zero_grad(); strategy.step_post_update(field, optimizer, it)
 """
-from ctrecon.methods.gaussians.densify import DensityStrategy, QuantileSplitCloneStrategy
+from ctrecon.methods.gaussians.densify import AdditiveDensityStrategy, DensityStrategy, QuantileSplitCloneStrategy
 from ctrecon.methods.gaussians.field import GROUP_NAMES, INTENSITY_ACTIVATIONS, GaussianField
 from ctrecon.methods.gaussians.init import (available_initializers, get_initializer, initializer_name,
                                             register_initializer)
@@ -16,6 +16,6 @@ from ctrecon.operators.voxelize import (DEFAULT_K_SIGMA, bounding_half_widths, c
                                         quaternion_to_rotation, render_points, voxelize, voxelize_batch)
 
 __all__ = ["GaussianField", "GROUP_NAMES", "INTENSITY_ACTIVATIONS", "DensityStrategy", "QuantileSplitCloneStrategy",
-           "voxelize", "voxelize_batch", "render_points", "quaternion_to_rotation", "covariance_matrices",
-           "precision_entries", "bounding_half_widths", "DEFAULT_K_SIGMA", "get_initializer", "register_initializer",
-           "available_initializers", "initializer_name"]
+           "AdditiveDensityStrategy", "voxelize", "voxelize_batch", "render_points", "quaternion_to_rotation",
+           "covariance_matrices", "precision_entries", "bounding_half_widths", "DEFAULT_K_SIGMA", "get_initializer",
+           "register_initializer", "available_initializers", "initializer_name"]
