@@ -359,7 +359,8 @@ def _config_settings(config_path) -> dict:
 
 
 OPTIMIZER_HELP = ("Optimiser: 'preconditioned' (ramp-filtered residual, schedules tied to the run, --iters auto; "
-                  "measured fastest, see data/README.md) or '3dgr' (3DGR-CT's, faithful) [default: preconditioned; "
+                  "measured fastest on noiseless scans; on noisy ones it peaks within a few hundred iterations and "
+                  "then fits the noise, see data/README.md) or '3dgr' (3DGR-CT's, faithful) [default: preconditioned; "
                   "a --config file that names no method is read as 3dgr, the only one before there was a choice].")
 
 
