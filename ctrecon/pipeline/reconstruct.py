@@ -677,13 +677,16 @@ class Trainer:
         clock.end_phase("render")
         predicted = projector(volume) / self.projection_scale
         clock.end_phase("project")
-        loss = self._loss(predicted, wanted, volume, iteration)
+        data, extras = self._loss_terms(predicted, wanted, volume, iteration)
+        loss = data
+        for term in extras:
+            loss = loss + term
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise _NonFinite(iteration, "loss")
         self.good_iteration, self.good_raw = step, _snapshot(self.field)
         if self.config.optimizer.method == "preconditioned":
-            self._preconditioned_backward(loss, predicted, wanted)
+            self._preconditioned_backward(predicted, wanted, extras)
         else:
             loss.backward()
         # A float64 sum is finite exactly when every entry of a float32 gradient is (it cannot overflow, and NaN
@@ -701,7 +704,7 @@ class Trainer:
         self.losses.append(loss_value)
         return loss_value
 
-    def _preconditioned_backward(self, loss, predicted, wanted) -> None:
+    def _preconditioned_backward(self, predicted, wanted, extras: list) -> None:
         """Backward with the data term's gradient ``2 r / M`` (r = predicted − measured, M values) replaced by
         the ramp-filtered residual ``2 F(r) / (M·g)``: the parameters then get ``Jᵀ Aᵀ F r``, and
         ``Aᵀ F`` (filtered backprojection) undoes most of the 1/|ω| blur of ``AᵀA``, so the high
@@ -710,11 +713,8 @@ class Trainer:
         terms (D-SSIM, TV, a regulariser) keep their exact gradients."""
         residual = (predicted - wanted).detach()
         filtered = filter_projections(residual, self.geometry) * (2.0 / (residual.numel() * self.filter_gain))
-        rest = loss - F.mse_loss(predicted, wanted)
-        if rest.requires_grad:
-            torch.autograd.backward([predicted, rest], [filtered, None])
-        else:
-            predicted.backward(filtered)
+        others = [term for term in extras if term.requires_grad]
+        torch.autograd.backward([predicted, *others], [filtered, *([None] * len(others))])
 
     def _grid_and_projector(self, step: int):
         """The render grid and its projector: a half-resolution sub-lattice in the coarse stage, else the grid."""
@@ -726,16 +726,18 @@ class Trainer:
             self.coarse[offset] = (sub, Projector(self.geometry.with_volume(sub)))
         return self.coarse[offset]
 
-    def _loss(self, predicted, wanted, volume, iteration: int) -> torch.Tensor:
+    def _loss_terms(self, predicted, wanted, volume, iteration: int) -> tuple:
+        """The data term and the list of the other terms (D-SSIM, TV, the regulariser), summed in this order."""
         terms = self.config.optimizer
-        loss = F.mse_loss(predicted, wanted) if terms.loss == "mse" else F.l1_loss(predicted, wanted)
+        data = F.mse_loss(predicted, wanted) if terms.loss == "mse" else F.l1_loss(predicted, wanted)
+        extras = []
         if terms.lambda_dssim > 0:
-            loss = loss + terms.lambda_dssim * (1.0 - projection_ssim(predicted, wanted))
+            extras.append(terms.lambda_dssim * (1.0 - projection_ssim(predicted, wanted)))
         if terms.lambda_tv > 0:
-            loss = loss + terms.lambda_tv * total_variation(volume)
+            extras.append(terms.lambda_tv * total_variation(volume))
         if self.regularizer is not None:
-            loss = loss + self.regularizer(volume, iteration)
-        return loss
+            extras.append(self.regularizer(volume, iteration))
+        return data, extras
 
     def control_density(self, iteration: int) -> None:
         """The density strategy's turn after the optimiser step (and this iteration's evaluation)."""
