@@ -20,8 +20,15 @@ def skimage_ssim3d(x, ref):
     return structural_similarity(x, ref, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0)
 
 
-def skimage_ssim_slice(x, ref):
-    return float(np.mean([structural_similarity(a, b, win_size=7, data_range=1.0) for a, b in zip(x, ref)]))
+def skimage_ssim_slice(x, ref, data_range=1.0):
+    return float(np.mean([structural_similarity(a, b, win_size=7, data_range=data_range) for a, b in zip(x, ref)]))
+
+
+def skimage_3dgr_code_ssim(x, ref):
+    """What 3DGR-CT's train_ct_recon.py computes: ``compare_ssim(pred, gt, multichannel=True)`` on float
+    volumes whose last axis is the slice axis, with the float dtype range [-1, 1] of scikit-image < 0.20."""
+    return float(structural_similarity(np.moveaxis(x, 0, -1), np.moveaxis(ref, 0, -1), channel_axis=-1, win_size=7,
+                                       data_range=2.0))
 
 
 def degraded(ref, seed=0, noise=0.05, blur=1.0):
@@ -61,6 +68,7 @@ def test_metrics_match_scikit_image(case):
         x = degraded(ref, noise=0.01, blur=0.7)
     assert ssim3d(x, ref) == pytest.approx(skimage_ssim3d(x, ref), abs=1e-9)
     assert ssim_slice(x, ref) == pytest.approx(skimage_ssim_slice(x, ref), abs=1e-9)
+    assert evaluate(x, ref)["ssim_slice_3dgr_code"] == pytest.approx(skimage_3dgr_code_ssim(x, ref), abs=1e-9)
     assert psnr(x, ref) == pytest.approx(peak_signal_noise_ratio(ref, x, data_range=1.0), abs=1e-9)
 
 
@@ -95,7 +103,7 @@ def test_torch_inputs_any_dtype_and_mixed():
     ref = phantom()
     x = degraded(ref)
     expected = evaluate(x, ref)
-    assert set(expected) == {"psnr", "ssim3d", "ssim_slice"}
+    assert tuple(expected) == metrics.QUALITY_METRICS
     got = evaluate(torch.from_numpy(x), ref)
     assert got == pytest.approx(expected, abs=1e-12)
     x32 = torch.tensor(x, dtype=torch.float32, requires_grad=True)
@@ -174,3 +182,10 @@ def test_convergence_tracker_custom_metric_and_missing_values():
         ConvergenceTracker([("a", "psnr", 1), ("a", "psnr", 2)])
     with pytest.raises(InputError, match="name, metric, value"):
         ConvergenceTracker([("a", "psnr")])
+
+
+def test_threshold_names_and_labels_follow_their_values():
+    assert metrics.quality_thresholds(35.0, 0.9) == (("psnr35", "psnr", 35.0), ("ssim90", "ssim_slice", 0.9))
+    assert metrics.quality_thresholds(30, 0.95, "ssim3d") == (("psnr30", "psnr", 30.0), ("ssim95", "ssim3d", 0.95))
+    assert metrics.threshold_key("psnr", 32.5) == "psnr32.5" and metrics.threshold_key("ssim", 0.925) == "ssim92.5"
+    assert metrics.threshold_label("psnr", 30.0) == "PSNR 30 dB" and metrics.threshold_label("ssim", 0.95) == "SSIM 0.95"

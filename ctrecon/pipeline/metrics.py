@@ -13,6 +13,11 @@ Two SSIM conventions, always reported under their own names:
 * ``ssim_slice``: the 3DGR-CT convention: the mean over axial slices ``[k]`` of 2-D SSIM with a
   7 × 7 uniform window and sample covariances, i.e. the mean over k of
   ``structural_similarity(x[k], ref[k], win_size=7, data_range=1)``.
+* ``ssim_slice_3dgr_code``: the same slice SSIM with ``data_range=2``, which is what 3DGR-CT's code
+  reports: ``train_ct_recon.py`` calls ``compare_ssim(pred, gt, multichannel=True)`` on float volumes
+  without a data range, and scikit-image before 0.20 then took the float dtype's range [-1, 1]. Its
+  values are higher than ``ssim_slice`` (the constants C1, C2 are 4× larger), so a 3DGR-CT figure is
+  comparable with this one only.
 
 As in scikit-image, the SSIM map is averaged only where the window lies entirely inside the volume
 (a border of half a window is left out), so padding never enters the result.
@@ -27,7 +32,8 @@ import torch
 
 from ctrecon.core.errors import InputError
 
-__all__ = ["psnr", "ssim3d", "ssim_slice", "evaluate", "ConvergenceTracker", "DEFAULT_THRESHOLDS"]
+__all__ = ["psnr", "ssim3d", "ssim_slice", "evaluate", "ConvergenceTracker", "DEFAULT_THRESHOLDS",
+           "QUALITY_METRICS", "threshold_key", "threshold_label", "quality_thresholds"]
 
 _K1, _K2 = 0.01, 0.03
 _GAUSSIAN_SIGMA, _GAUSSIAN_TRUNCATE = 1.5, 3.5
@@ -36,6 +42,31 @@ _SLICE_WINDOW = 7
 _CHUNK_VOXELS = 1 << 22
 
 DEFAULT_THRESHOLDS = (("psnr35", "psnr", 35.0), ("ssim90", "ssim_slice", 0.90))
+#: What :func:`evaluate` returns, in this order.
+QUALITY_METRICS = ("psnr", "ssim3d", "ssim_slice", "ssim_slice_3dgr_code")
+#: Data range of the slice SSIM as 3DGR-CT's code computes it (see the module docstring).
+_3DGR_CODE_SSIM_RANGE = 2.0
+
+
+def threshold_key(kind: str, value: float) -> str:
+    """The name of a quality threshold, derived from its value: ``("psnr", 35)`` → ``"psnr35"``,
+    ``("psnr", 32.5)`` → ``"psnr32.5"``, ``("ssim", 0.9)`` → ``"ssim90"`` (SSIM in hundredths)."""
+    if kind == "psnr":
+        return f"psnr{float(value):g}"
+    if kind == "ssim":
+        return f"ssim{round(float(value) * 100, 6):g}"
+    raise ValueError(f"threshold kind must be 'psnr' or 'ssim', got {kind!r}")
+
+
+def threshold_label(kind: str, value: float) -> str:
+    """``("psnr", 35)`` → ``"PSNR 35 dB"``, ``("ssim", 0.9)`` → ``"SSIM 0.9"``."""
+    return f"PSNR {float(value):g} dB" if kind == "psnr" else f"SSIM {float(value):g}"
+
+
+def quality_thresholds(psnr_value: float, ssim_value: float, ssim_metric: str = "ssim_slice") -> tuple:
+    """The two ``(name, metric, value)`` thresholds of a run for :class:`ConvergenceTracker`, named by value."""
+    return ((threshold_key("psnr", psnr_value), "psnr", float(psnr_value)),
+            (threshold_key("ssim", ssim_value), ssim_metric, float(ssim_value)))
 
 
 def _as_pair(x, ref, *, ndim: int | None = None) -> tuple:
@@ -148,9 +179,11 @@ def ssim_slice(x, ref, data_range: float = 1.0) -> float:
 
 
 def evaluate(volume, reference, data_range: float = 1.0) -> dict:
-    """``{"psnr", "ssim3d", "ssim_slice"}`` of ``volume`` against ``reference`` (both ``[Z, Y, X]``)."""
+    """:data:`QUALITY_METRICS` of ``volume`` against ``reference`` (both ``[Z, Y, X]``);
+    ``ssim_slice_3dgr_code`` uses twice ``data_range`` (see the module docstring)."""
     return {"psnr": psnr(volume, reference, data_range), "ssim3d": ssim3d(volume, reference, data_range),
-            "ssim_slice": ssim_slice(volume, reference, data_range)}
+            "ssim_slice": ssim_slice(volume, reference, data_range),
+            "ssim_slice_3dgr_code": ssim_slice(volume, reference, _3DGR_CODE_SSIM_RANGE * data_range)}
 
 
 class ConvergenceTracker:
