@@ -341,11 +341,9 @@ def pretrain(data, config_name, architecture, out, steps, batch, accum, lr, warm
         click.echo(f"prior: {summary['prior']}\ncheckpoint: {summary['checkpoint']}\nlog: {summary['log']}")
 
 
-def _config_settings(config_path) -> dict:
-    """The ReconstructConfig settings of a --config JSON file, flat ({} without one; see
-    ``ReconstructConfig.flat_settings``); a run's config.json, which nests them under "config", works too."""
-    from ctrecon.pipeline.reconstruct import ReconstructConfig
-
+def _config_file(config_path) -> dict:
+    """The settings object of a --config JSON file ({} without one); a run's config.json, which nests them under
+    "config", works too."""
     if config_path is None:
         return {}
     try:
@@ -353,9 +351,9 @@ def _config_settings(config_path) -> dict:
             settings = json.load(handle)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputError(f"cannot read --config {config_path}: {err}") from None
-    if not isinstance(settings, dict):
+    if not isinstance(settings, dict) or not isinstance(settings.get("config", settings), dict):
         raise InputError(f"--config {config_path} must hold a JSON object")
-    return ReconstructConfig.flat_settings(settings.get("config", settings))
+    return settings.get("config", settings)
 
 
 OPTIMIZER_HELP = ("Optimiser: 'preconditioned' (ramp-filtered residual, schedules tied to the run, --iters auto; "
@@ -369,7 +367,7 @@ def _reconstruct_config(config_path, optimizer, overrides: dict, *, no_densify: 
     """The ReconstructConfig of a command: the --config file, then the options that were given."""
     from ctrecon.pipeline.reconstruct import ReconstructConfig
 
-    settings = _config_settings(config_path)
+    settings = ReconstructConfig.flat_settings(_config_file(config_path))
     settings["method"] = optimizer or settings.get("method") or ("3dgr" if config_path else "preconditioned")
     settings.update({k: v for k, v in overrides.items() if v is not None})
     if init_options:
@@ -395,6 +393,9 @@ def _case_name(scan, scan_path: str) -> str:
 
 
 PRIOR_INITS = ("medgmae", "medgmae-star")
+#: ``reconstruct --method``: 3DGR-CT and ctrecon.pipeline.classical.METHODS (kept equal by a test; the CLI
+#: imports no torch before a command runs).
+RECONSTRUCTION_METHODS = ("3dgr", "sart", "os-sart", "cgls", "fista-tv", "fdk")
 
 
 def _prior_initializers(inits, prior) -> tuple:
@@ -414,9 +415,13 @@ def _prior_initializers(inits, prior) -> tuple:
 
 @cli.command()
 @click.argument("scan_path", metavar="SCAN", type=click.Path(dir_okay=False))
-@click.option("--init", "init", default="fbp", show_default=True,
-              help="Initialiser: fbp (3DGR-CT), r2 (R²-Gaussian), medgmae / medgmae-star (zero-shot prior, "
-                   "see --prior) or another registered name.")
+@click.option("--method", type=click.Choice(RECONSTRUCTION_METHODS), default=None,
+              help="3dgr (Gaussians, the default), a classical iterative method on the same projector: sart, "
+                   "os-sart, cgls, fista-tv, or fdk alone [default: 3dgr, or the method of a --config run].")
+@click.option("--init", "init", default=None,
+              help="3dgr: initialiser fbp (3DGR-CT), r2 (R²-Gaussian), medgmae / medgmae-star (zero-shot prior, "
+                   "see --prior) or another registered name [default: fbp]. Classical methods: start from "
+                   "zeros or fdk [default: zeros].")
 @click.option("--init-gaussians", type=click.Path(dir_okay=False), default=None,
               help="Start from this Gaussian file (e.g. from `ctrecon infer`) instead; --init names it.")
 @click.option("--prior", type=click.Path(dir_okay=False), default=None,
@@ -440,6 +445,11 @@ def _prior_initializers(inits, prior) -> tuple:
               help="First iterations at half resolution (3DGR-CT low-res stage) [default: 0].")
 @click.option("--optimizer", type=click.Choice(["preconditioned", "3dgr"]), default=None, help=OPTIMIZER_HELP)
 @click.option("--no-densify", is_flag=True, help="Keep the Gaussian count fixed (no clone/split/prune).")
+@click.option("--subsets", type=int, default=None, help="os-sart: view blocks per pass [default: 20].")
+@click.option("--relaxation", type=float, default=None, help="sart / os-sart: relaxation in (0, 2) [default: 1].")
+@click.option("--tv-weight", type=float, default=None,
+              help="fista-tv: weight of the 3-D TV term (scale-free, see ctrecon.methods.classical) [default: "
+                   "the tuned one].")
 @click.option("--stop-at-psnr", type=float, default=None, help="Stop once PSNR reaches this (dB).")
 @click.option("--stop-at-thresholds", is_flag=True, help="Stop once PSNR 35 dB and SSIM 0.90 are both reached.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
@@ -447,13 +457,13 @@ def _prior_initializers(inits, prior) -> tuple:
 @click.option("--case", default=None, help="Case name recorded for reports [default: from the scan].")
 @click.option("--out", required=True, type=click.Path(), help="Run folder to write.")
 @common_options
-def reconstruct(scan_path, init, init_gaussians, prior, init_options, iters, views_per_iter, eval_every, n_gaussians, max_gaussians,
-                loss, dssim, tv, coarse_iters, optimizer, no_densify, stop_at_psnr, stop_at_thresholds, config_path, case,
-                out, device, seed):
-    """3DGR-CT: optimise Gaussians against the projections of SCAN (a scan .npz).
+def reconstruct(scan_path, method, init, init_gaussians, prior, init_options, iters, views_per_iter, eval_every,
+                n_gaussians, max_gaussians, loss, dssim, tv, coarse_iters, optimizer, no_densify, subsets, relaxation,
+                tv_weight, stop_at_psnr, stop_at_thresholds, config_path, case, out, device, seed):
+    """Reconstruct SCAN (a scan .npz): 3DGR-CT (Gaussians) or a classical method.
 
-    Writes OUT/volume.nii.gz (unit attenuation, as `ctrecon fdk`), OUT/gaussians.npz, OUT/config.json, OUT/curves.png and
-    OUT/metrics.json (PSNR/SSIM history against the scan's ground truth, iterations and seconds
+    Writes OUT/volume.nii.gz (unit attenuation, as `ctrecon fdk`), OUT/gaussians.npz (3dgr only), OUT/config.json,
+    OUT/curves.png and OUT/metrics.json (PSNR/SSIM history against the scan's ground truth, iterations and seconds
     to PSNR 35 dB and SSIM 0.90, evaluation time excluded). Ctrl-C stops and writes what was
     reached (metrics.json says "interrupted": true).
 
@@ -462,17 +472,97 @@ def reconstruct(scan_path, init, init_gaussians, prior, init_options, iters, vie
       ctrecon reconstruct scan.npz --init fbp --iters 15000 --out run/
       ctrecon reconstruct scan.npz --iters 3000 --views-per-iter 10 --stop-at-psnr 35 --out run_fast/
       ctrecon reconstruct scan.npz --init medgmae-star --prior ckpt/prior.pt --out run_prior/
+      ctrecon reconstruct scan.npz --method os-sart --iters 30 --out run_ossart/
     """
     from tqdm import tqdm
 
-    from ctrecon.methods.gaussians import GaussianField, get_initializer
     from ctrecon.core.io import load_scan
-    from ctrecon.pipeline.reconstruct import NonFiniteLossError, ReconstructConfig
-    from ctrecon.pipeline.reconstruct import reconstruct as run_reconstruct
-    from ctrecon.pipeline.runs import RUN_FILES, write_run
+    from ctrecon.pipeline.metrics import threshold_label
+    from ctrecon.pipeline.reconstruct import NonFiniteLossError
+    from ctrecon.pipeline.runs import RUN_FILES, GAUSSIANS_FILE, write_run
 
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--out {out} exists and is not a folder")
+    if method is None:
+        method = _config_file(config_path).get("solver", {}).get("name", "3dgr") if config_path else "3dgr"
+    given = {"--init-gaussians": init_gaussians, "--prior": prior, "--init-option": init_options or None,
+             "--views-per-iter": views_per_iter, "--n-gaussians": n_gaussians, "--max-gaussians": max_gaussians,
+             "--loss": loss, "--dssim": dssim, "--tv": tv, "--coarse-iters": coarse_iters, "--optimizer": optimizer,
+             "--no-densify": no_densify or None} if method != "3dgr" else \
+        {"--subsets": subsets, "--relaxation": relaxation, "--tv-weight": tv_weight}
+    misplaced = [name for name, value in given.items() if value is not None]
+    if misplaced:
+        raise InputError(f"{', '.join(misplaced)} {'does' if len(misplaced) == 1 else 'do'} not apply to --method "
+                         f"{method}")
+    common = {"eval_every": eval_every, "stop_at_psnr": stop_at_psnr}
+    if method == "3dgr":
+        run, config, label, record = _gaussian_run(init or "fbp", init_gaussians, prior, init_options, iters,
+                                                   stop_at_thresholds, no_densify, optimizer, config_path,
+                                                   {**common, "views_per_iter": views_per_iter,
+                                                    "n_gaussians": n_gaussians, "max_gaussians": max_gaussians,
+                                                    "loss": loss, "lambda_dssim": dssim, "lambda_tv": tv,
+                                                    "coarse_iterations": coarse_iters}, device, seed)
+    else:
+        run, config, label, record = _classical_run(method, init or "zeros", iters, stop_at_thresholds, config_path,
+                                                    {**common, "subsets": subsets, "relaxation": relaxation,
+                                                     "tv_weight": tv_weight}, device, seed)
+    scan = load_scan(scan_path)
+    if scan.ground_truth is None:
+        click.echo("note: the scan has no ground truth; PSNR/SSIM and thresholds are not computed", err=True)
+
+    bar = None  # created at the first report, so that errors during FDK/initialisation print one line
+    postfix = {}
+
+    def progress(p):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=config.iteration_cap, desc=label, unit="it", dynamic_ncols=True)
+        if p.iteration:
+            bar.update(1)
+        if p.evaluation is not None and p.evaluation["psnr"] is not None:
+            postfix.update(psnr=f"{p.evaluation['psnr']:.2f}", ssim=f"{p.evaluation['ssim_slice']:.3f}")
+        if p.loss is not None:
+            postfix.update(loss=f"{p.loss:.2e}", **({"N": p.n_gaussians} if method == "3dgr" else {}))
+            bar.set_postfix(postfix, refresh=False)
+
+    failure = None
+    try:
+        result = run(scan, progress)
+    except NonFiniteLossError as err:
+        failure, result = err, err.result
+    finally:
+        if bar is not None:
+            bar.close()
+    write_run(out, result, scan, scan_file=os.path.abspath(scan_path), source=scan.meta.get("source"),
+              case=case or _case_name(scan, scan_path), seed=seed, device=device, **record)
+    final = result.final or {}
+    summary = [f"{label}: {result.iterations} iterations in {result.wall_seconds:.1f} s "
+               f"(+{result.eval_seconds:.1f} s evaluation)"
+               + (f", {result.n_gaussians} Gaussians" if result.n_gaussians is not None else "")]
+    if final:
+        summary.append(f"final PSNR {final['psnr']:.2f} dB, SSIM {final['ssim_slice']:.4f} (axial slices), "
+                       f"{final['ssim3d']:.4f} (3-D)")
+        for key, hit in result.thresholds.items():
+            kind = "psnr" if key.startswith("psnr") else "ssim"
+            value = config.evaluation.psnr_threshold if kind == "psnr" else config.evaluation.ssim_threshold
+            summary.append(f"{threshold_label(kind, value)}: " + ("not reached" if hit is None else
+                                                                    f"iteration {hit['iteration']}, {hit['seconds']:.1f} s"))
+    files = [name for name in RUN_FILES if result.field is not None or name != GAUSSIANS_FILE]
+    summary.append(f"wrote {out}/ ({', '.join(files)})")
+    click.echo("\n".join(summary))
+    if failure is not None:
+        raise click.ClickException(str(failure))
+    if result.interrupted:
+        _fail(f"interrupted after {result.iterations} iterations; results so far are in {out}/", 130)
+
+
+def _gaussian_run(init, init_gaussians, prior, init_options, iters, stop_at_thresholds, no_densify, optimizer,
+                  config_path, overrides: dict, device, seed: int) -> tuple:
+    """``(run(scan, callback) -> result, config, label, write_run extras)`` of ``reconstruct --method 3dgr``;
+    every check that needs no scan is made here, before any work."""
+    from ctrecon.methods.gaussians import GaussianField, get_initializer
+    from ctrecon.pipeline.reconstruct import reconstruct as run_reconstruct
+
     options = {}
     for item in init_options:
         key, sep, value = item.partition("=")
@@ -482,10 +572,7 @@ def reconstruct(scan_path, init, init_gaussians, prior, init_options, iters, vie
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value  # a plain string
-    overrides = {"iterations": iters, "views_per_iter": views_per_iter, "eval_every": eval_every,
-                 "n_gaussians": n_gaussians, "max_gaussians": max_gaussians, "loss": loss, "lambda_dssim": dssim,
-                 "lambda_tv": tv, "coarse_iterations": coarse_iters, "stop_at_psnr": stop_at_psnr}
-    config = _reconstruct_config(config_path, optimizer, overrides, no_densify=no_densify,
+    config = _reconstruct_config(config_path, optimizer, {**overrides, "iterations": iters}, no_densify=no_densify,
                                  stop_at_thresholds=stop_at_thresholds, init_options=options)
     init_field, initializer = None, init
     if prior is not None and (init not in PRIOR_INITS or init_gaussians is not None):
@@ -497,54 +584,39 @@ def reconstruct(scan_path, init, init_gaussians, prior, init_options, iters, vie
         prior = files[init]
     else:
         get_initializer(init)  # InputError listing the known names
-    scan = load_scan(scan_path)
-    if scan.ground_truth is None:
-        click.echo("note: the scan has no ground truth; PSNR/SSIM and thresholds are not computed", err=True)
 
-    bar = None  # created at the first report, so that errors during FDK/initialisation print one line
-    postfix = {}
+    def run(scan, callback):
+        return run_reconstruct(scan, init=initializer, config=config, device=device, seed=seed, callback=callback,
+                               init_field=init_field)
 
-    def progress(p):
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=config.iteration_cap, desc=f"3DGR-CT ({init})", unit="it", dynamic_ncols=True)
-        if p.iteration:
-            bar.update(1)
-        if p.evaluation is not None and p.evaluation["psnr"] is not None:
-            postfix.update(psnr=f"{p.evaluation['psnr']:.2f}", ssim=f"{p.evaluation['ssim_slice']:.3f}")
-        if p.loss is not None:
-            postfix.update(loss=f"{p.loss:.2e}", N=p.n_gaussians)
-            bar.set_postfix(postfix, refresh=False)
+    return run, config, f"3DGR-CT ({init})", {"prior": prior, "init_gaussians": init_gaussians}
 
-    failure = None
-    try:
-        result = run_reconstruct(scan, init=initializer, config=config, device=device, seed=seed,
-                                 callback=progress, init_field=init_field)
-    except NonFiniteLossError as err:
-        failure, result = err, err.result
-    finally:
-        if bar is not None:
-            bar.close()
-    write_run(out, result, scan, scan_file=os.path.abspath(scan_path), source=scan.meta.get("source"),
-              case=case or _case_name(scan, scan_path), seed=seed, device=device, prior=prior,
-              init_gaussians=init_gaussians)
-    final = result.final or {}
-    summary = [f"{result.init}: {result.iterations} iterations in {result.wall_seconds:.1f} s "
-               f"(+{result.eval_seconds:.1f} s evaluation), {result.n_gaussians} Gaussians"]
-    if final:
-        summary.append(f"final PSNR {final['psnr']:.2f} dB, SSIM {final['ssim_slice']:.4f} (axial slices), "
-                       f"{final['ssim3d']:.4f} (3-D)")
-        for key, label in (("psnr35", f"PSNR {config.evaluation.psnr_threshold:g} dB"),
-                           ("ssim90", f"SSIM {config.evaluation.ssim_threshold:g}")):
-            hit = result.thresholds[key]
-            summary.append(f"{label}: " + ("not reached" if hit is None else
-                                           f"iteration {hit['iteration']}, {hit['seconds']:.1f} s"))
-    summary.append(f"wrote {out}/ ({', '.join(RUN_FILES)})")
-    click.echo("\n".join(summary))
-    if failure is not None:
-        raise click.ClickException(str(failure))
-    if result.interrupted:
-        _fail(f"interrupted after {result.iterations} iterations; results so far are in {out}/", 130)
+
+def _classical_run(method, start, iters, stop_at_thresholds, config_path, overrides: dict, device, seed: int) -> tuple:
+    """``(run(scan, callback) -> result, config, label, write_run extras)`` of a classical ``--method``."""
+    from ctrecon.pipeline.classical import ClassicalConfig, reconstruct_classical
+
+    if iters == "auto":
+        raise InputError(f"--iters auto is for --method 3dgr; give {method} a number of iterations")
+    settings = dict(_config_file(config_path))
+    if config_path is not None and "solver" not in settings:
+        raise InputError(f"--config {config_path} holds 3dgr settings, not those of a classical method")
+    solver = {**settings.get("solver", {}), "name": method, "start": start}
+    solver.update({k: v for k, v in {"iterations": iters, **overrides}.items()
+                   if v is not None and k not in ("eval_every", "stop_at_psnr")})
+    evaluation = {**settings.get("evaluation", {"eval_every": 1}),
+                  **({"eval_every": overrides["eval_every"]} if overrides["eval_every"] is not None else {})}
+    stopping = dict(settings.get("stopping", {}))
+    if overrides["stop_at_psnr"] is not None:
+        stopping["stop_at_psnr"] = overrides["stop_at_psnr"]
+    if stop_at_thresholds:
+        stopping["stop_at_thresholds"] = True
+    config = ClassicalConfig.from_dict({"solver": solver, "evaluation": evaluation, "stopping": stopping})
+
+    def run(scan, callback):
+        return reconstruct_classical(scan, config=config, device=device, seed=seed, callback=callback)
+
+    return run, config, method.upper() if method != "fista-tv" else "FISTA-TV", {}
 
 
 @cli.command()
@@ -565,7 +637,7 @@ def report(runs, out, device, seed):
 
     result = build_report(runs, out)
     click.echo(result["markdown_table"])
-    click.echo(f"\nwrote {out}/ (report.md, table.csv, curves.png, stats.json)")
+    click.echo(f"\nwrote {out}/ (report.md, table.csv, curves.png, curves_seconds.png, stats.json)")
 
 
 @cli.command()
@@ -699,6 +771,11 @@ def _benchmark_events(echo):
 @click.option("--views", default="80,120,160", show_default=True, help="View counts, comma-separated.")
 @click.option("--inits", default="fbp,medgmae,medgmae-star", show_default=True,
               help="Initialisations, comma-separated (fbp, r2, medgmae, medgmae-star).")
+@click.option("--methods", default="3dgr", show_default=True,
+              help="Methods, comma-separated: 3dgr (with every --inits) and classical ones on the same scans: "
+                   "sart, os-sart, cgls, fista-tv, fdk.")
+@click.option("--classical-iters", type=click.IntRange(min=1), default=None,
+              help="Iterations of each classical method (passes for SART / OS-SART) [default: each one's own].")
 @click.option("--iters", type=ITERATIONS, default=None,
               help="Iterations per run, or 'auto' [default: auto (preconditioned), 15000 (3dgr)].")
 @click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Evaluate every E iterations [default: 100].")
@@ -718,12 +795,13 @@ def _benchmark_events(echo):
 @click.option("--spacing", default=None, metavar="MM", help="Resample every case to this voxel size: one number or DZ,DY,DX.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Benchmark folder to write.")
 @common_options
-def benchmark(cases, views, inits, iters, eval_every, views_per_iter, n_gaussians, optimizer, no_densify, stop_at_thresholds,
+def benchmark(cases, views, inits, methods, classical_iters, iters, eval_every, views_per_iter, n_gaussians, optimizer, no_densify, stop_at_thresholds,
               config_path, prior, crop, shape, spacing, out, device, seed):
-    """The paper's Table 4: simulate each CASE at each view count, reconstruct with every initialisation.
+    """The paper's Table 4: simulate each CASE at each view count, reconstruct with every initialisation
+    (3DGR-CT) and every classical --methods.
 
     CASES are CT volumes in HU (NIfTI, DICOM folder, .npy/.npz). Writes OUT/scans/, OUT/runs/<case>_v<views>_<init>/
-    (as `ctrecon reconstruct`), OUT/report/ (as `ctrecon report`: table, curves, paired t-tests) and
+    and <case>_v<views>_<method>/ (as `ctrecon reconstruct`), OUT/report/ (as `ctrecon report`: table, curves, paired t-tests) and
     OUT/benchmark.json.
 
     \b
@@ -731,8 +809,9 @@ def benchmark(cases, views, inits, iters, eval_every, views_per_iter, n_gaussian
       ctrecon benchmark ct1.nii.gz ct2.nii.gz --views 80,120,160 --inits fbp,medgmae,medgmae-star --out bench/
       ctrecon benchmark ct.nii.gz --views 120 --iters 2000 --views-per-iter 10 --spacing 6 --device cpu --out b/
       ctrecon benchmark ct.nii.gz --views 120 --crop 48,96,96 --views-per-iter 10 --no-densify --out b/
+      ctrecon benchmark ct.nii.gz --views 80,120 --methods 3dgr,os-sart,cgls,fista-tv,fdk --inits fbp --out b/
     """
-    from ctrecon.pipeline.benchmark import run_benchmark
+    from ctrecon.pipeline.benchmark import classical_configs, run_benchmark
     from ctrecon.pipeline.reconstruct import ReconstructConfig
 
     view_counts = _parse_numbers(views, "--views", count=len(views.split(",")), kind=int)
@@ -746,12 +825,14 @@ def benchmark(cases, views, inits, iters, eval_every, views_per_iter, n_gaussian
                  "n_gaussians": n_gaussians}
     config = _reconstruct_config(config_path, optimizer, overrides, no_densify=no_densify,
                                  stop_at_thresholds=stop_at_thresholds)
-    initializers, priors = _prior_initializers(init_names, prior)
+    method_names = tuple(name.strip() for name in methods.split(",") if name.strip())
+    classical = classical_configs(method_names, config, classical_iters)
+    initializers, priors = _prior_initializers(init_names, prior) if "3dgr" in method_names else (init_names, {})
     result = run_benchmark(cases, view_counts, initializers, config, out, device=device, seed=seed, crop=crop, shape=shape,
                            spacing=spacing[0] if spacing and len(spacing) == 1 else spacing, priors=priors,
-                           events=_benchmark_events(click.echo))
+                           events=_benchmark_events(click.echo), methods=method_names, classical=classical)
     click.echo(result["markdown_table"])
-    click.echo(f"\nwrote {out}/ (scans/, runs/, report/ with report.md, table.csv, curves.png, stats.json; "
+    click.echo(f"\nwrote {out}/ (scans/, runs/, report/ with report.md, table.csv, curves.png, curves_seconds.png, stats.json; "
                "benchmark.json)")
 
 

@@ -312,13 +312,14 @@ def test_cli_writes_every_file_with_the_metrics_contract(scan_file, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert REQUIRED_KEYS <= set(metrics)
     assert metrics["init"] == "fbp" and metrics["iterations"] == 20 and metrics["interrupted"] is False
-    assert set(metrics["final"]) == {"psnr", "ssim3d", "ssim_slice"}
+    assert set(metrics["final"]) == {"psnr", "ssim3d", "ssim_slice", "ssim_slice_3dgr_code"}
     assert set(metrics["thresholds"]) == {"psnr35", "ssim90"}
     for entry in metrics["thresholds"].values():
         assert entry is None or set(entry) == {"iteration", "seconds"}
     assert [h["iteration"] for h in metrics["history"]] == [0, 10, 20]
     for record in metrics["history"]:
-        assert set(record) == {"iteration", "seconds", "loss", "psnr", "ssim3d", "ssim_slice", "n_gaussians"}
+        assert set(record) == {"iteration", "seconds", "loss", "psnr", "ssim3d", "ssim_slice", "ssim_slice_3dgr_code",
+                               "n_gaussians"}
     assert metrics["views"] == N_VIEWS and metrics["case"] == "ellipsoids"
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["schedule"]["views_per_iter"] == 10 and config["config"]["schedule"]["iterations"] == 20

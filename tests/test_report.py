@@ -1,7 +1,8 @@
-"""Report on synthetic runs: group statistics, never-reached thresholds, paired t-tests, files, CLI; and the
+"""Report on synthetic runs: group statistics, censored times to a threshold, paired tests, files, CLI; and the
 run folders themselves (ctrecon.pipeline.runs), written and read back."""
 import csv
 import json
+import math
 import os
 
 import numpy as np
@@ -25,15 +26,20 @@ def _history(final_psnr, iterations, seed):
 
 
 def _write_run(root, name, *, init, views, case, wall, psnr35, ssim90, final_psnr, iterations=400, seed=0,
-               views_in_config=False):
+               views_in_config=False, method=None, psnr_threshold=None):
     run = root / name
     run.mkdir()
-    threshold = lambda it: {"iteration": it, "seconds": None if it is None else it * 0.1}  # noqa: E731
+    threshold = lambda it: None if it is None else {"iteration": it, "seconds": it * 0.1}  # noqa: E731
+    psnr_key = "psnr35" if psnr_threshold is None else f"psnr{psnr_threshold:g}"
     metrics = {"init": init, "iterations": iterations, "wall_seconds": wall, "eval_seconds": 1.0,
                "n_gaussians": 100, "final": {"psnr": final_psnr, "ssim3d": final_psnr / 40.0,
                                              "ssim_slice": final_psnr / 39.0},
-               "thresholds": {"psnr35": threshold(psnr35), "ssim90": threshold(ssim90)},
+               "thresholds": {psnr_key: threshold(psnr35), "ssim90": threshold(ssim90)},
                "history": _history(final_psnr, iterations, seed), "ssim_threshold_metric": "ssim_slice"}
+    if method is not None:
+        metrics["method"] = method
+    if psnr_threshold is not None:
+        metrics.update(psnr_threshold=psnr_threshold, ssim_threshold=0.9)
     config = {"init": init}
     if views_in_config:  # the report falls back to config.json for views and case
         config.update(views=views, case=case)
@@ -61,36 +67,40 @@ def synthetic_runs(tmp_path):
     return runs
 
 
-def test_group_statistics_and_never_reached(synthetic_runs, tmp_path):
+def test_group_statistics_and_censored_medians(synthetic_runs, tmp_path):
     out = tmp_path / "report"
     result = build_report([p for p, _ in synthetic_runs.values()], str(out))
-    rows = {(r["init"], r["views"]): r for r in result["groups"]}
+    rows = {(r["arm"], r["views"]): r for r in result["groups"]}
     assert list(rows) == [("fbp", 60), ("r2", 60), ("fbp", 120), ("r2", 120)]
     for (init, views), row in rows.items():
         members = [m for (i, v, _), (_, m) in synthetic_runs.items() if (i, v) == (init, views)]
         walls = [m["wall_seconds"] for m in members]
-        assert row["n_runs"] == 3
+        assert row["n_runs"] == 3 and row["method"] == "3dgr" and row["init"] == init
         assert row["wall_seconds_mean"] == pytest.approx(np.mean(walls))
         assert row["wall_seconds_std"] == pytest.approx(np.std(walls, ddof=1))
-        reached = [m["thresholds"]["psnr35"]["iteration"] for m in members
-                   if m["thresholds"]["psnr35"]["iteration"] is not None]
+        reached = sorted(m["thresholds"]["psnr35"]["iteration"] for m in members
+                         if m["thresholds"]["psnr35"] is not None)
         assert row["psnr35_reached"] == len(reached)
-        assert row["psnr35_iteration_mean"] == pytest.approx(np.mean(reached))
-        assert row["psnr35_seconds_mean"] == pytest.approx(np.mean(reached) * 0.1)
+        # the unreached run ranks last: of [a, b, never] the median is b; of [a, b, c] it is b too
+        assert row["psnr35_iteration_median"] == reached[1] and row["psnr35_iteration_censored"] is False
+        assert row["psnr35_seconds_median"] == pytest.approx(reached[1] * 0.1)
         finals = [m["final"]["psnr"] for m in members]
         assert row["final_psnr_std"] == pytest.approx(np.std(finals, ddof=1))
     assert rows[("fbp", 60)]["psnr35_reached"] == 2
-    assert rows[("fbp", 120)]["ssim90_reached"] == 0 and rows[("fbp", 120)]["ssim90_iteration_mean"] is None
+    never = rows[("fbp", 120)]
+    assert never["ssim90_reached"] == 0 and never["ssim90_iteration_censored"] is True
+    assert never["ssim90_iteration_median"] == 400  # the budget: a lower bound
 
     table = result["markdown_table"]
-    fbp60 = next(line for line in table.splitlines() if line.startswith("| fbp | 60 |"))
-    assert "not reached (1/3)" in fbp60 and "not reached (3/3)" in fbp60
-    for name in ("report.md", "table.csv", "curves.png", "stats.json"):
+    assert "iters to PSNR 35 dB" in table and "SSIM axial as 3DGR-CT's code (range 2)" in table
+    fbp60 = next(line for line in table.splitlines() if line.startswith("| 3dgr | fbp | 60 |"))
+    assert "(1/3 not reached)" in fbp60 and "≥ 400 (3/3 not reached)" in fbp60
+    for name in ("report.md", "table.csv", "curves.png", "curves_seconds.png", "stats.json"):
         assert (out / name).stat().st_size > 0
     with open(out / "table.csv", newline="") as handle:
         csv_rows = list(csv.DictReader(handle))
-    assert len(csv_rows) == 4 and csv_rows[0]["init"] == "fbp" and csv_rows[0]["psnr35_reached"] == "2"
-    assert csv_rows[0]["ssim90_iteration_mean"] == ""  # never reached: empty, not zero
+    assert len(csv_rows) == 4 and csv_rows[0]["arm"] == "fbp" and csv_rows[0]["psnr35_reached"] == "2"
+    assert csv_rows[0]["ssim90_iteration_censored"] == "True"
     saved = json.loads((out / "stats.json").read_text())
     assert saved["groups"] == result["groups"] and saved["tests"] == result["tests"]
     stops = (out / "report.md").read_text().split("## Where each run stopped")[1].split("##")[0]
@@ -100,34 +110,31 @@ def test_group_statistics_and_never_reached(synthetic_runs, tmp_path):
             in stops
 
 
-def test_paired_t_tests_match_scipy(synthetic_runs, tmp_path):
+def test_paired_tests_per_view_count_with_censoring(synthetic_runs, tmp_path):
     result = build_report([p for p, _ in synthetic_runs.values()], str(tmp_path / "report"))
     tests = {(t["quantity"], t["views"]): t for t in result["tests"]}
-    assert set(tests) == {(q, v) for q in ("psnr35_iteration", "final_psnr") for v in ("all", 60, 120)}
-
-    def values(init, quantity, views):
-        out = []
-        for case in CASES:
-            for v in views:
-                m = synthetic_runs[(init, v, case)][1]
-                out.append(m["thresholds"]["psnr35"]["iteration"] if quantity == "psnr35_iteration"
-                           else m["final"]["psnr"])
-        return out
-
-    for quantity in ("psnr35_iteration", "final_psnr"):
-        for scope, views in (("all", (60, 120)), (60, (60,)), (120, (120,))):
-            a, b = values("fbp", quantity, views), values("r2", quantity, views)
-            keep = [i for i in range(len(a)) if a[i] is not None and b[i] is not None]
-            expected = stats.ttest_rel([a[i] for i in keep], [b[i] for i in keep])
-            test = tests[(quantity, scope)]
-            assert (test["init_a"], test["init_b"]) == ("fbp", "r2")
-            assert test["n"] == len(keep)
-            assert test["t"] == pytest.approx(expected.statistic)
-            assert test["p"] == pytest.approx(expected.pvalue)
-            assert ("left out" in test["note"]) == (len(keep) < len(a))
+    # never pooled over view counts: the view counts of one case are not independent pairs
+    assert set(tests) == {(q, v) for q in ("iterations", "seconds", "final_psnr") for v in (60, 120)}
+    for views in (60, 120):
+        a = [synthetic_runs[("fbp", views, c)][1] for c in CASES]
+        b = [synthetic_runs[("r2", views, c)][1] for c in CASES]
+        finals = stats.wilcoxon([m["final"]["psnr"] for m in a], [m["final"]["psnr"] for m in b])
+        test = tests[("final_psnr", views)]
+        assert (test["arm_a"], test["arm_b"], test["n_cases"]) == ("fbp", "r2", 3)
+        assert test["statistic"] == pytest.approx(finals.statistic) and test["p"] == pytest.approx(finals.pvalue)
+        # sign test by hand: a run that never reached 35 dB loses to one that did
+        its = lambda m: math.inf if m["thresholds"]["psnr35"] is None else m["thresholds"]["psnr35"]["iteration"]  # noqa: E731
+        wins_a = sum(its(x) < its(y) for x, y in zip(a, b))
+        wins_b = sum(its(x) > its(y) for x, y in zip(a, b))
+        test = tests[("iterations", views)]
+        assert (test["wins_a"], test["wins_b"], test["ties"]) == (wins_a, wins_b, 3 - wins_a - wins_b)
+        assert test["p"] == pytest.approx(stats.binomtest(wins_a, wins_a + wins_b).pvalue)
+        assert test["label"] == "iterations to PSNR 35 dB"
+    censored = tests[("iterations", 60)]
+    assert censored["wins_b"] >= 1  # case_c: r2 reached 35 dB, fbp did not: counted, not dropped
 
 
-def test_too_few_pairs_skip_with_note_and_seeds_are_averaged(tmp_path):
+def test_one_case_skips_the_test_and_seeds_are_reduced(tmp_path):
     paths = [_write_run(tmp_path, "fbp_s0", init="fbp", views=80, case="x", wall=5, psnr35=100, ssim90=None,
                         final_psnr=36.0)[0],
              _write_run(tmp_path, "fbp_s1", init="fbp", views=80, case="x", wall=7, psnr35=200, ssim90=None,
@@ -136,13 +143,30 @@ def test_too_few_pairs_skip_with_note_and_seeds_are_averaged(tmp_path):
                         final_psnr=35.5)[0]]
     result = build_report(paths, str(tmp_path / "out"))
     final = next(t for t in result["tests"] if t["quantity"] == "final_psnr")
-    assert final["n"] == 1 and final["t"] is None and "fewer than 2" in final["note"]
-    assert final["mean_a"] == pytest.approx(36.5)  # two seeds of the same (case, views, init) averaged
-    iters = next(t for t in result["tests"] if t["quantity"] == "psnr35_iteration")
-    assert iters["n"] == 0 and "left out" in iters["note"]
-    r2 = next(r for r in result["groups"] if r["init"] == "r2")
+    assert final["n_cases"] == 1 and final["p"] is None and "1 case(s)" in final["note"]
+    assert final["median_a"] == pytest.approx(36.5)  # two seeds of the same (case, views, arm) averaged
+    iters = next(t for t in result["tests"] if t["quantity"] == "iterations")
+    assert iters["n_cases"] == 1 and iters["censored_b"] is True and iters["median_b"] == 400
+    r2 = next(r for r in result["groups"] if r["arm"] == "r2")
     assert r2["psnr35_reached"] == 0 and r2["wall_seconds_std"] is None
-    assert "| r2 | 80 | 1 | 6.0 | not reached (1/1) |" in result["markdown_table"]
+    assert "| 3dgr | r2 | 80 | 1 | 6.0 | ≥ 400 (1/1 not reached) |" in result["markdown_table"]
+
+
+def test_thresholds_named_by_their_values_and_classical_arms(tmp_path):
+    paths = [_write_run(tmp_path, f"{m}_{c}", init="zeros" if m != "3dgr" else "fbp", method=m, views=80, case=c,
+                        wall=5.0, psnr35=100 if m != "cgls" else None, ssim90=None, final_psnr=31.0,
+                        psnr_threshold=30.0)[0]
+             for m in ("3dgr", "sart", "cgls") for c in ("a", "b")]
+    result = build_report(paths, str(tmp_path / "out"))
+    assert [r["arm"] for r in result["groups"]] == ["fbp", "sart", "cgls"]
+    assert result["thresholds"][0] == {"key": "psnr30", "label": "PSNR 30 dB"}
+    assert "iters to PSNR 30 dB" in result["markdown_table"] and "35 dB" not in result["markdown_table"]
+    assert result["groups"][1]["psnr30_iteration_median"] == 100 and result["groups"][2]["psnr30_reached"] == 0
+    assert "| sart | zeros | 80 |" in result["markdown_table"]
+    mixed = _write_run(tmp_path, "other", init="fbp", views=80, case="a", wall=5.0, psnr35=1, ssim90=1,
+                       final_psnr=36.0)[0]  # evaluated at the default 35 dB
+    with pytest.raises(InputError, match="different thresholds"):
+        build_report([*paths, mixed], str(tmp_path / "out2"))
 
 
 def test_bad_inputs(tmp_path):
@@ -170,9 +194,11 @@ def test_cli_report(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["report", *paths, "--out", str(out)])
     assert exit_info.value.code == 0
-    assert sorted(os.listdir(out)) == ["curves.png", "report.md", "stats.json", "table.csv"]
+    assert sorted(os.listdir(out)) == ["curves.png", "curves_seconds.png", "report.md", "stats.json", "table.csv"]
     tests = json.loads((out / "stats.json").read_text())["tests"]
-    assert tests and all(t["n"] == 2 and t["t"] is None and "every paired difference" in t["note"] for t in tests)
+    final = [t for t in tests if t["quantity"] == "final_psnr"]
+    expected = stats.wilcoxon([35.0, 36.0], [37.0, 38.0]).pvalue  # fbp c0, c1 against r2 c0, c1
+    assert final and all(t["n_cases"] == 2 and t["p"] == pytest.approx(expected) for t in final)
     with pytest.raises(SystemExit) as exit_info:
         main(["report", str(tmp_path / "nope"), "--out", str(out)])
     assert exit_info.value.code == 2

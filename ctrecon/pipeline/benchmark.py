@@ -1,15 +1,18 @@
 """The paper's Table 4 on CT volumes: simulate every case at every view count, reconstruct each scan with
-every initialisation (3DGR-CT) and compare the runs with the convergence report (library; no printing).
+every initialisation (3DGR-CT) and every classical method asked for, and compare the runs with the
+convergence report (library; no printing).
 
     summary = run_benchmark(["ct.nii.gz"], views=(80, 120, 160), inits=("fbp", "medgmae", "medgmae-star"),
-                            config=ReconstructConfig.from_dict({"iterations": 3000}), out="bench/")
+                            config=ReconstructConfig.from_dict({"iterations": 3000}), out="bench/",
+                            methods=("3dgr", "os-sart", "cgls"))
 
 ``inits`` are initialisers by name ("fbp", "medgmae", ...) or themselves (e.g.
 ``priors.zero_shot.PriorInit(checkpoint, name="medgmae-star")``), each recorded under its
 :func:`ctrecon.methods.gaussians.initializer_name`.
 
 Output folder ``out``: ``scans/<case>_v<views>.npz`` (the simulated scans), ``runs/<case>_v<views>_<init>/``
-(run folders as ``ctrecon reconstruct`` writes them), ``report/`` (as ``ctrecon report`` writes it) and
+(run folders as ``ctrecon reconstruct`` writes them; ``<case>_v<views>_<method>/`` for a classical method),
+``report/`` (as ``ctrecon report`` writes it) and
 ``benchmark.json`` (settings, run folders, failures, the report's table).
 """
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Callable, Optional, Sequence
 
 from ctrecon.core.errors import InputError
 
-__all__ = ["BenchmarkEvent", "case_name", "run_benchmark"]
+__all__ = ["BenchmarkEvent", "case_name", "classical_configs", "run_benchmark"]
 
 
 @dataclasses.dataclass
@@ -49,6 +52,25 @@ def case_name(path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "case"
 
 
+def classical_configs(methods: Sequence[str], config, iterations: Optional[int] = None) -> dict:
+    """{method: ClassicalConfig} of the classical ``methods`` (a "3dgr" among them is skipped), evaluated at
+    the thresholds of the 3DGR-CT ``config`` (so the report compares them); ``iterations``: each one's count
+    (default: :data:`ctrecon.pipeline.classical.DEFAULT_ITERATIONS`)."""
+    from ctrecon.pipeline.classical import METHODS, ClassicalConfig
+
+    methods = list(methods)
+    if not methods or len(set(methods)) != len(methods):
+        raise InputError(f"methods must be distinct, got {methods}")
+    unknown = [m for m in methods if m != "3dgr" and m not in METHODS]
+    if unknown:
+        raise InputError(f"unknown method(s) {', '.join(unknown)} (use 3dgr, {', '.join(METHODS)})")
+    evaluation = {name: getattr(config.evaluation, name)
+                  for name in ("psnr_threshold", "ssim_threshold", "ssim_threshold_metric")}
+    return {m: ClassicalConfig.from_dict({"solver": m, "evaluation": evaluation,
+                                          **({"iterations": iterations} if iterations and m != "fdk" else {})})
+            for m in methods if m != "3dgr"}
+
+
 def _checked(cases, views, inits) -> tuple:
     from ctrecon.methods.gaussians import get_initializer, initializer_name
 
@@ -71,7 +93,8 @@ def _checked(cases, views, inits) -> tuple:
 
 def run_benchmark(cases: Sequence, views: Sequence[int], inits: Sequence, config, out, *, device="cpu",
                   seed: int = 0, crop=None, shape=None, spacing=None, priors: Optional[dict] = None,
-                  events: Optional[Callable[[BenchmarkEvent], None]] = None) -> dict:
+                  events: Optional[Callable[[BenchmarkEvent], None]] = None, methods: Sequence[str] = ("3dgr",),
+                  classical: Optional[dict] = None) -> dict:
     """Run the benchmark (see the module docstring); returns the report's content (``build_report``)
     plus ``benchmark`` (what ``benchmark.json`` holds).
 
@@ -80,9 +103,13 @@ def run_benchmark(cases: Sequence, views: Sequence[int], inits: Sequence, config
     centre of each case (cut first). shape / spacing: resample each case before simulating (as
     ``ctrecon simulate --shape/--spacing``). priors: init name → prior file
     (recorded in each run's config.json). Every scan of a case uses the same ``seed``; a run that
-    stops on a non-finite loss keeps its last good state and is listed under ``failures``.
+    stops on a non-finite loss keeps its last good state and is listed under ``failures``. methods: "3dgr"
+    (every init) and classical methods (:data:`ctrecon.pipeline.classical.METHODS`), run on the same scans;
+    classical: {method: ClassicalConfig} (default :func:`classical_configs`). Events of a classical run carry
+    the method as ``init``.
     """
     from ctrecon.core.io import read_volume, save_scan, write_json
+    from ctrecon.pipeline.classical import reconstruct_classical
     from ctrecon.pipeline.reconstruct import NonFiniteLossError
     from ctrecon.pipeline.reconstruct import reconstruct as run_reconstruct
     from ctrecon.pipeline.report import build_report
@@ -91,6 +118,9 @@ def run_benchmark(cases: Sequence, views: Sequence[int], inits: Sequence, config
 
     cases, names, views, inits = _checked(cases, views, inits)
     config = config.validate()
+    classical = {**classical_configs(methods, config), **(classical or {})}
+    arms = [(init, initializer, False) for init, initializer in inits.items()] if "3dgr" in methods else []
+    arms += [(method, classical[method], True) for method in methods if method != "3dgr"]
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a folder")
@@ -108,25 +138,29 @@ def run_benchmark(cases: Sequence, views: Sequence[int], inits: Sequence, config
             scan_path.parent.mkdir(parents=True, exist_ok=True)
             save_scan(scan_path, scan)
             notify(BenchmarkEvent("scan", name, n_views, path=str(scan_path)))
-            for init, initializer in inits.items():
-                notify(BenchmarkEvent("run_start", name, n_views, init))
-                callback = (lambda p, n=name, v=n_views, i=init: notify(BenchmarkEvent("iteration", n, v, i, p)))
+            for label, arm, is_classical in arms:
+                notify(BenchmarkEvent("run_start", name, n_views, label))
+                callback = (lambda p, n=name, v=n_views, i=label: notify(BenchmarkEvent("iteration", n, v, i, p)))
                 try:
-                    result = run_reconstruct(scan, init=initializer, config=config, device=device, seed=seed,
-                                             callback=callback)
+                    if is_classical:
+                        result = reconstruct_classical(scan, config=arm, device=device, seed=seed, callback=callback)
+                    else:
+                        result = run_reconstruct(scan, init=arm, config=config, device=device, seed=seed,
+                                                 callback=callback)
                 except NonFiniteLossError as err:
                     result = err.result
-                    failures.append({"case": name, "views": n_views, "init": init, "error": str(err)})
-                run_dir = out / "runs" / f"{name}_v{n_views}_{init}"
+                    failures.append({"case": name, "views": n_views, "init": label, "error": str(err)})
+                run_dir = out / "runs" / f"{name}_v{n_views}_{label}"
                 write_run(str(run_dir), result, scan, scan_file=str(scan_path.resolve()), source=str(path), case=name,
-                          seed=seed, device=device, prior=(priors or {}).get(init))
+                          seed=seed, device=device, prior=(priors or {}).get(label))
                 run_dirs.append(str(run_dir))
-                notify(BenchmarkEvent("run_end", name, n_views, init, result=result, path=str(run_dir)))
+                notify(BenchmarkEvent("run_end", name, n_views, label, result=result, path=str(run_dir)))
     report_dir = out / "report"
     summary = build_report(run_dirs, str(report_dir))
     notify(BenchmarkEvent("report", path=str(report_dir)))
     benchmark = {"cases": cases, "case_names": names, "views": list(views), "inits": list(inits),
-                 "config": config.to_dict(), "device": str(device), "seed": seed,
+                 "methods": list(methods), "config": config.to_dict(),
+                 "classical": {m: c.to_dict() for m, c in classical.items() if m in methods}, "device": str(device), "seed": seed,
                  "crop": crop, "shape": shape, "spacing": spacing,
                  "priors": priors or {}, "runs": run_dirs, "failures": failures, "report": str(report_dir),
                  "table": summary["markdown_table"]}

@@ -122,7 +122,7 @@ def run_demo(out, *, device="cpu", profile: Optional[str] = None, iterations: Op
     from ctrecon.pipeline.benchmark import run_benchmark
     from ctrecon.operators.fdk import fdk
     from ctrecon.core.io import atomic_output, load_scan, write_json
-    from ctrecon.pipeline.metrics import evaluate
+    from ctrecon.pipeline.metrics import evaluate, quality_thresholds, threshold_label
     from ctrecon.pipeline.runs import load_run
 
     device = torch.device(device)
@@ -156,6 +156,8 @@ def run_demo(out, *, device="cpu", profile: Optional[str] = None, iterations: Op
     _slices_figure(slices, panels)
 
     g = scan.geometry
+    settings = config.evaluation
+    (psnr_key, _, _), (ssim_key, _, _) = quality_thresholds(settings.psnr_threshold, settings.ssim_threshold)
     lines = [f"# ctrecon demo ({profile} profile, {device})", "",
              f"Case: {case.name}, {'x'.join(map(str, g.nVoxel))} voxels (Z, Y, X) at "
              f"{'x'.join(f'{d:g}' for d in g.dVoxel)} mm; {g.n_angles}-view circular cone-beam scan (noiseless); "
@@ -166,13 +168,14 @@ def run_demo(out, *, device="cpu", profile: Optional[str] = None, iterations: Op
              f"FDK: PSNR {fdk_quality['psnr']:.2f} dB, SSIM {fdk_quality['ssim_slice']:.4f} (axial slices, 3DGR-CT) / "
              f"{fdk_quality['ssim3d']:.4f} (3-D).", "",
              "| init | Gaussians (start) | init s | PSNR at start | final PSNR (dB) | final SSIM slice / 3-D | "
-             "to PSNR 35 dB | to SSIM 0.90 | iterations (stop) | optimisation s |",
+             f"to {threshold_label('psnr', settings.psnr_threshold)} | to {threshold_label('ssim', settings.ssim_threshold)} | "
+             "iterations (stop) | optimisation s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         f = row["final"]
         lines.append(f"| {row['init']} | {row['n_gaussians_initial']} | {row['init_seconds']:.1f} | "
                      f"{row['initial_psnr']:.2f} | {f['psnr']:.2f} | {f['ssim_slice']:.4f} / {f['ssim3d']:.4f} | "
-                     f"{_threshold_text(row['thresholds']['psnr35'])} | {_threshold_text(row['thresholds']['ssim90'])} | "
+                     f"{_threshold_text(row['thresholds'][psnr_key])} | {_threshold_text(row['thresholds'][ssim_key])} | "
                      f"{row['iterations']} ({row['stop_reason']}) | {row['wall_seconds']:.1f} |")
     lines += ["", "Seconds exclude evaluation; 'init s' is FDK + initialisation. SSIM 0.90 uses the axial-slice "
               "SSIM (7x7 window, data range 1).", "",

@@ -59,13 +59,13 @@ def plot_run_curves(metrics: dict, path: str) -> None:
     _save_figure(fig, path)
 
 
-def _mean_curve(histories: Sequence[Sequence[dict]], metric: str) -> tuple:
-    """Mean and standard error across runs on the union of their evaluation iterations.
+def _mean_curve(histories: Sequence[Sequence[dict]], metric: str, x_key: str = "iteration") -> tuple:
+    """Mean and standard error across runs on the union of their evaluation points along ``x_key``.
 
-    Each run is linearly interpolated onto the grid inside its own iteration range only; a grid
+    Each run is linearly interpolated onto the grid inside its own range only; a grid
     point averages the runs that cover it (runs that stopped early drop out, nothing is extrapolated).
     """
-    series = [s for s in (_history_series(h, "iteration", metric) for h in histories) if s[0].size]
+    series = [s for s in (_history_series(h, x_key, metric) for h in histories) if s[0].size]
     if not series:
         return np.array([]), np.array([]), np.array([])
     grid = np.unique(np.concatenate([s[0] for s in series]))
@@ -81,10 +81,13 @@ def _mean_curve(histories: Sequence[Sequence[dict]], metric: str) -> tuple:
     return grid, mean, spread
 
 
-def plot_group_curves(groups: dict, path: str) -> None:
-    """PNG of groups of runs, ``{(init, views): [history, ...]}`` in display order: PSNR and both SSIMs
-    against iteration, the mean over each group's runs (band ± one standard error), one row per view count."""
+def plot_group_curves(groups: dict, path: str, *, x_key: str = "iteration", thresholds: dict | None = None) -> None:
+    """PNG of groups of runs, ``{(arm, views): [history, ...]}`` in display order: PSNR and both SSIMs
+    against ``x_key`` ("iteration" or "seconds"), the mean over each group's runs (band ± one standard error),
+    one row per view count. thresholds: {metric: value} drawn as dotted lines (default 35 dB, 0.90)."""
     from matplotlib.figure import Figure
+
+    lines = {metric: value for metric, _, value in CURVE_METRICS} | (thresholds or {})
 
     view_counts = list(dict.fromkeys(views for _, views in groups))
     inits = list(dict.fromkeys(init for init, _ in groups))
@@ -92,17 +95,17 @@ def plot_group_curves(groups: dict, path: str) -> None:
     fig = Figure(figsize=(5 * len(CURVE_METRICS), 3.6 * len(view_counts)), layout="constrained")
     axes = np.atleast_2d(fig.subplots(len(view_counts), len(CURVE_METRICS), squeeze=False))
     for row, views in enumerate(view_counts):
-        for col, (metric, label, threshold) in enumerate(CURVE_METRICS):
+        for col, (metric, label, _) in enumerate(CURVE_METRICS):
             ax = axes[row, col]
             for init in inits:
                 histories = groups.get((init, views), [])
-                grid, mean, spread = _mean_curve(histories, metric)
+                grid, mean, spread = _mean_curve(histories, metric, x_key)
                 if grid.size == 0:
                     continue
                 ax.plot(grid, mean, color=colors[init], label=f"{init} (n={len(histories)})")
                 ax.fill_between(grid, mean - spread, mean + spread, color=colors[init], alpha=0.25, linewidth=0)
-            ax.axhline(threshold, color="grey", linestyle=":", linewidth=1)
-            ax.set_xlabel("iteration")
+            ax.axhline(lines[metric], color="grey", linestyle=":", linewidth=1)
+            ax.set_xlabel("iteration" if x_key == "iteration" else "optimisation time (s, evaluation excluded)")
             ax.set_ylabel(label)
             ax.set_title(f"{'?' if views is None else views} views")
             ax.grid(alpha=0.3)

@@ -97,6 +97,7 @@ from ctrecon.core.geometry import VolumeGeometry
 from ctrecon.methods.gaussians.densify import ADDITIVE_GRAD_THRESHOLD, ADDITIVE_MIN_SCALE_VOXELS, ADDITIVE_SPLIT_OFFSET
 from ctrecon.operators.projector import Projector
 from ctrecon.operators.fdk import filter_projections, filter_response
+from ctrecon.pipeline.tracking import TIMING_PHASES, RunMonitor
 
 __all__ = ["ReconstructConfig", "GaussianSettings", "ScheduleSettings", "OptimizerSettings", "DensitySettings",
            "EvaluationSettings", "StoppingSettings", "SECTIONS", "Trainer", "ReconstructResult", "Progress",
@@ -106,7 +107,6 @@ __all__ = ["ReconstructConfig", "GaussianSettings", "ScheduleSettings", "Optimiz
 LOSSES = ("mse", "l1")
 DENSITY_STRATEGIES = ("3dgr", "additive")  # gaussians.QuantileSplitCloneStrategy, AdditiveDensityStrategy
 SSIM_METRICS = ("ssim_slice", "ssim3d")
-TIMING_PHASES = ("render", "project", "backward", "densify")
 
 
 @dataclasses.dataclass
@@ -395,24 +395,26 @@ class ReconstructResult:
     """Outcome of :func:`reconstruct`; ``to_metrics()`` gives the metrics.json content."""
 
     volume: torch.Tensor                 # [Z, Y, X] unit attenuation, CPU float32
-    field: object                        # the GaussianField (on the compute device)
+    field: object                        # the GaussianField (on the compute device); None for a classical method
     init: str
     config: ReconstructConfig
     iterations: int                      # optimisation steps completed in the returned state
     history: list
-    thresholds: dict                     # {"psnr35": {"iteration", "seconds"} or None if never reached, "ssim90": ...}
-    final: Optional[dict]                # {"psnr", "ssim3d", "ssim_slice"} of the returned state, None without ground truth
+    thresholds: dict                     # {"psnr35": {"iteration", "seconds"} or None if never reached, "ssim90": ...},
+                                         # named by the thresholds' values (metrics.threshold_key)
+    final: Optional[dict]                # metrics.QUALITY_METRICS of the returned state, None without ground truth
     wall_seconds: float                  # optimisation time, evaluation excluded
     eval_seconds: float
     init_seconds: float                  # FDK + initialiser (0 with init_field)
     timing: dict                         # seconds per phase (TIMING_PHASES)
-    n_gaussians: int
+    n_gaussians: Optional[int]           # None for a classical method
     interrupted: bool = False
     stop_reason: str = "completed"
+    method: str = "3dgr"                 # "3dgr" or a classical method (ctrecon.pipeline.classical.METHODS)
 
     def to_metrics(self) -> dict:
         """metrics.json content: the keys of the CLI contract plus timing, init time and stop reason."""
-        return {"init": self.init, "iterations": self.iterations, "wall_seconds": self.wall_seconds,
+        return {"method": self.method, "init": self.init, "iterations": self.iterations, "wall_seconds": self.wall_seconds,
                 "eval_seconds": self.eval_seconds, "n_gaussians": self.n_gaussians, "final": self.final,
                 "thresholds": self.thresholds, "history": self.history,
                 "init_seconds": self.init_seconds, "timing": self.timing,
@@ -522,50 +524,6 @@ def total_variation(volume: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the loop
-class _Clock:
-    """Optimisation wall clock with evaluation excluded, and the per-phase split."""
-
-    def __init__(self, device: torch.device, sync_phases: bool):
-        self.cuda = device.type == "cuda"
-        self.sync_phases = sync_phases and self.cuda
-        self.start = time.perf_counter()
-        self.excluded = 0.0
-        self.phases = dict.fromkeys(TIMING_PHASES, 0.0)
-        self._mark = self.start
-
-    def _sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def begin_phase(self):
-        if self.sync_phases:
-            self._sync()
-        self._mark = time.perf_counter()
-
-    def end_phase(self, name: str):
-        if self.sync_phases:
-            self._sync()
-        now = time.perf_counter()
-        self.phases[name] += now - self._mark
-        self._mark = now
-
-    def seconds(self) -> float:
-        """Optimisation seconds so far (synchronises CUDA)."""
-        self._sync()
-        return time.perf_counter() - self.start - self.excluded
-
-    def exclude_since(self, t0: float):
-        self.excluded += time.perf_counter() - t0
-
-
-def _quality(volume: torch.Tensor, truth: Optional[torch.Tensor]) -> dict:
-    from ctrecon.pipeline.metrics import evaluate
-
-    if truth is None:
-        return {"psnr": None, "ssim3d": None, "ssim_slice": None}
-    return evaluate(volume, truth, data_range=1.0)
-
-
 def _snapshot(field) -> dict:
     return {name: param.detach().clone() for name, param in field.raw_parameters().items()}
 
@@ -621,15 +579,11 @@ class Trainer:
 
     def __init__(self, scan, field, config: ReconstructConfig, *, device: torch.device, generator: torch.Generator,
                  regularizer: Callable[[torch.Tensor, int], torch.Tensor] | None, init: str, init_seconds: float):
-        from ctrecon.pipeline.metrics import ConvergenceTracker
-
         self.config, self.device, self.regularizer = config, device, regularizer
         self.init, self.init_seconds = init, init_seconds
         self.geometry = scan.geometry
         self.grid = self.geometry.volume
         measured = torch.as_tensor(np.asarray(scan.projections, dtype=np.float32), device=device)
-        self.truth = None if scan.ground_truth is None else torch.as_tensor(
-            np.asarray(scan.ground_truth, dtype=np.float32), device=device)
         self.projection_scale = float(measured.abs().max()) or 1.0
         self.target = measured / self.projection_scale
         self.extent = max(self.grid.sVoxel)
@@ -645,12 +599,8 @@ class Trainer:
         n_views, k = self.geometry.n_angles, config.views_per_step(self.geometry.n_angles)
         self.views = _ViewCycle(n_views, k, generator) if 0 < k < n_views else None
 
-        self.clock = _Clock(device, config.evaluation.time_phases)
-        self.history: list = []
-        self.tracker = ConvergenceTracker(
-            (("psnr35", "psnr", config.evaluation.psnr_threshold),
-             ("ssim90", config.evaluation.ssim_threshold_metric, config.evaluation.ssim_threshold)))
-        self.interval_losses: list = []  # losses since the last evaluation
+        self.monitor = RunMonitor(scan.ground_truth, config.evaluation, device)
+        self.clock, self.history = self.monitor.clock, self.monitor.history
         self.losses: list = []  # every step's loss, for the residual rule
         self.completed = 0  # optimisation steps in the current field
         self.good_iteration, self.good_raw = 0, _snapshot(field)  # the last state that gave a finite loss
@@ -700,7 +650,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         clock.end_phase("backward")
         self.completed = iteration
-        self.interval_losses.append(loss_value)
+        self.monitor.record_loss(loss_value)
         self.losses.append(loss_value)
         return loss_value
 
@@ -753,19 +703,8 @@ class Trainer:
     def evaluate(self, iteration: int) -> dict:
         """Append the history record of the current field (quality against the ground truth, mean loss
         since the last record); its time is excluded from the optimisation clock."""
-        seconds = self.clock.seconds()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            quality = _quality(self.field.render(self.grid, self.config.gaussians.k_sigma), self.truth)
-        record = {"iteration": iteration, "seconds": seconds,
-                  "loss": float(np.mean(self.interval_losses)) if self.interval_losses else None,
-                  **quality, "n_gaussians": len(self.field)}
-        self.interval_losses.clear()
-        self.history.append(record)
-        if self.truth is not None:
-            self.tracker.update(iteration, seconds, **quality)
-        self.clock.exclude_since(t0)
-        return record
+        return self.monitor.evaluate(iteration, lambda: self.field.render(self.grid, self.config.gaussians.k_sigma),
+                                     n_gaussians=len(self.field))
 
     def stop_reason(self, record: Optional[dict]) -> Optional[str]:
         """Why to stop after this iteration (None: go on): the residual rule of ``iterations="auto"``
@@ -774,13 +713,7 @@ class Trainer:
         if self.config.schedule.iterations == "auto" and residual_converged(
                 self.losses, stopping.residual_window, stopping.residual_tolerance):
             return "data residual converged"
-        if record is None or record["psnr"] is None:
-            return None
-        if stopping.stop_at_psnr is not None and record["psnr"] >= stopping.stop_at_psnr:
-            return "psnr target"
-        if stopping.stop_at_thresholds and self.tracker.all_reached:
-            return "thresholds reached"
-        return None
+        return self.monitor.target_reached(record, stopping)
 
     # ----------------------------------------------------------------- the outcome
     def good_field(self):
@@ -794,16 +727,11 @@ class Trainer:
         t0 = time.perf_counter()
         with torch.no_grad():
             volume = field.render(self.grid, self.config.gaussians.k_sigma)
-        if self.truth is None:
-            final = None
-        elif field is self.field and self.history and self.history[-1]["iteration"] == iterations:
-            final = {key: self.history[-1][key] for key in ("psnr", "ssim3d", "ssim_slice")}
-        else:
-            final = _quality(volume, self.truth)
         self.clock.exclude_since(t0)
+        final = self.monitor.final_quality(volume, iterations, evaluated=field is self.field)
         return ReconstructResult(
             volume=volume.detach().float().cpu(), field=field, init=self.init, config=self.config,
-            iterations=iterations, history=self.history, thresholds=self.tracker.summary(), final=final,
+            iterations=iterations, history=self.history, thresholds=self.monitor.tracker.summary(), final=final,
             wall_seconds=wall, eval_seconds=self.clock.excluded, init_seconds=self.init_seconds,
             timing=dict(self.clock.phases), n_gaussians=len(field), interrupted=interrupted, stop_reason=stop_reason)
 

@@ -8,7 +8,8 @@ A run folder holds, written in this order, each file atomically:
 
 - ``volume.nii.gz`` (:data:`VOLUME_FILE`): the reconstruction in unit attenuation (like ``ctrecon fdk``),
   in the source volume's patient frame when the simulation recorded it, else in the scan's frame;
-- ``gaussians.npz`` (:data:`GAUSSIANS_FILE`): the final Gaussian field (world mm);
+- ``gaussians.npz`` (:data:`GAUSSIANS_FILE`): the final Gaussian field (world mm); not for a classical
+  method (sart, cgls, ...), which has none;
 - ``config.json`` (:data:`CONFIG_FILE`): init, scan file, source, case, units, views, seed, device,
   init_gaussians, prior, geometry (without angles) and ``config``, the ReconstructConfig settings
   (``--config`` accepts this file);
@@ -54,7 +55,8 @@ def write_run(out, result, scan, *, scan_file: str, source, case: str, seed: int
     if not (isinstance(origin, (list, tuple)) and len(origin) == 3):
         origin = tuple(grid.voxel_centres()[0, 0, 0])  # (x, y, z) of voxel [0, 0, 0] in the scan's frame
     save_volume(os.path.join(out, VOLUME_FILE), result.volume.numpy(), grid.dVoxel, origin)
-    result.field.save(os.path.join(out, GAUSSIANS_FILE))
+    if result.field is not None:
+        result.field.save(os.path.join(out, GAUSSIANS_FILE))
     views = scan.geometry.n_angles
     write_json(os.path.join(out, CONFIG_FILE),
                {"init": result.init, "scan": scan_file, "source": source, "case": case, "units": UNITS,
@@ -75,6 +77,15 @@ class RunRecord:
     views: int | None
     case: str
     metrics: dict
+    method: str = "3dgr"
+
+    @property
+    def arm(self) -> str:
+        """What the run compares: its initialisation for 3DGR-CT ("fbp", "medgmae"), else its method
+        ("sart"), with a start other than zeros named ("sart from fdk")."""
+        if self.method == "3dgr":
+            return self.init
+        return self.method if self.init in ("zeros", "none") else f"{self.method} from {self.init}"
 
     def threshold(self, key: str, field: str):
         """``iteration`` or ``seconds`` at which threshold ``key`` was first reached, or None."""
@@ -117,4 +128,4 @@ def load_run(run_dir: str) -> RunRecord:
     views = metrics.get("views", config.get("views"))
     case = metrics.get("case", config.get("case")) or os.path.basename(os.path.normpath(run_dir))
     return RunRecord(path=run_dir, init=str(metrics["init"]), views=None if views is None else int(views),
-                     case=str(case), metrics=metrics)
+                     case=str(case), metrics=metrics, method=str(metrics.get("method", "3dgr")))
