@@ -64,9 +64,13 @@ import torch
 from ctrecon.core.errors import InputError
 from ctrecon.operators.projector import Projector
 
-__all__ = ["IterativeSolver", "SART", "OSSART", "CGLS", "FISTATV", "SOLVERS", "make_solver", "tv_prox",
+__all__ = ["IterativeSolver", "SART", "OSSART", "CGLS", "FISTATV", "SOLVERS", "DEFAULT_TV_WEIGHT", "make_solver",
+           "tv_prox",
            "tv", "gradient", "gradient_adjoint", "power_norm"]
 
+#: FISTA-TV's λ when none is given: the best of 3e-4, 1e-3, 3e-3 on the development lung1 CT (48×96×96 at 3 mm,
+#: 120 views, dose 1e5; scripts/bench_classical.py, data/README.md).
+DEFAULT_TV_WEIGHT = 3e-4
 #: ‖∇‖² ≤ 4·d for forward differences in d = 3 dimensions.
 _GRADIENT_NORM_SQ = 12.0
 
@@ -314,7 +318,7 @@ class FISTATV(IterativeSolver):
     name = "fista-tv"
 
     def __init__(self, projector: Projector, projections: torch.Tensor, x0: Optional[torch.Tensor] = None, *,
-                 tv_weight: float = 1e-3, tv_iterations: int = 20, nonnegative: bool = True,
+                 tv_weight: float = DEFAULT_TV_WEIGHT, tv_iterations: int = 20, nonnegative: bool = True,
                  power_iterations: int = 15, lipschitz: Optional[float] = None, seed: int = 0):
         super().__init__(projector, projections, x0)
         if not float(tv_weight) >= 0.0 or not math.isfinite(float(tv_weight)):
