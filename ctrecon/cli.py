@@ -7,10 +7,13 @@ its traceback.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 
 import click
 
@@ -449,7 +452,7 @@ def _prior_initializers(inits, prior) -> tuple:
 @click.option("--relaxation", type=float, default=None, help="sart / os-sart: relaxation in (0, 2) [default: 1].")
 @click.option("--tv-weight", type=float, default=None,
               help="fista-tv: weight of the 3-D TV term (scale-free, see ctrecon.methods.classical) [default: "
-                   "the tuned one].")
+                   "3e-4, chosen on development CT].")
 @click.option("--stop-at-psnr", type=float, default=None, help="Stop once PSNR reaches this (dB).")
 @click.option("--stop-at-thresholds", is_flag=True, help="Stop once PSNR 35 dB and SSIM 0.90 are both reached.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
@@ -479,10 +482,9 @@ def reconstruct(scan_path, method, init, init_gaussians, prior, init_options, it
     from ctrecon.core.io import load_scan
     from ctrecon.pipeline.metrics import threshold_label
     from ctrecon.pipeline.reconstruct import NonFiniteLossError
-    from ctrecon.pipeline.runs import RUN_FILES, GAUSSIANS_FILE, write_run
+    from ctrecon.pipeline.runs import RUN_FILES, GAUSSIANS_FILE, check_run_folder, write_run
 
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise InputError(f"--out {out} exists and is not a folder")
+    check_run_folder(out)
     if method is None:
         method = _config_file(config_path).get("solver", {}).get("name", "3dgr") if config_path else "3dgr"
     given = {"--init-gaussians": init_gaussians, "--prior": prior, "--init-option": init_options or None,
@@ -888,11 +890,30 @@ def _internal_error(err: BaseException):
           "set CTRECON_DEBUG=1 for the traceback", 1)
 
 
+#: Errors of the storage, not of ctrecon: a full disk or quota, a read-only file system.
+_STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     """Console entry point. Bad input (an InputError, or a missing, misplaced or forbidden file) exits 2 and
-    a usage error its click code, with one line ``ctrecon: error: ...``; Ctrl-C exits 130; anything else is an
-    internal error (:func:`_internal_error`). A reader that leaves early (``| head``) gets no message: click
-    exits 1 quietly on a broken pipe."""
+    a usage error its click code, with one line ``ctrecon: error: ...``; Ctrl-C exits 130, and so does SIGTERM
+    (what ``timeout``, SLURM and Kubernetes send), which stops a command the same way (a reconstruction writes
+    what it reached); anything else is an internal error (:func:`_internal_error`). A reader that leaves early
+    (``| head``) gets no message: click exits 1 quietly on a broken pipe."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
+    try:
+        _run(argv)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv) -> None:
     try:
         cli.main(args=argv, prog_name="ctrecon", standalone_mode=False)
     except click.exceptions.Abort as err:  # click turns Ctrl-C, and an EOFError from anywhere, into Abort
@@ -905,6 +926,11 @@ def main(argv=None):
         _fail(err.format_message(), err.exit_code if err.exit_code else EXIT_BAD_INPUT)
     except (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
         _fail(str(err) if not isinstance(err, OSError) or not err.filename else f"{err.strerror}: {err.filename}")
+    except OSError as err:
+        if err.errno not in _STORAGE_ERRORS:
+            _internal_error(err)
+        _fail(f"cannot write the output: {err.strerror}{f' ({err.filename})' if err.filename else ''}; "
+              "an earlier output there is left as it was", 1)
     except Exception as err:  # noqa: BLE001 - last resort: one line unless debugging
         _internal_error(err)
     sys.exit(0)

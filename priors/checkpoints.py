@@ -66,7 +66,8 @@ def prior_metadata(model_cfg: ModelConfig, data_cfg, training_data: dict, step: 
                           "priors.gaussian_space); quaternions (w, x, y, z); intensities in window units",
         "k_sigma": model_cfg.k_sigma,
         "training_data": {**training_data, "preprocessing": data_cfg.to_dict()},
-        "training": {"steps": int(step), **(train_cfg or {})},
+        # "steps": the steps this model has had (a run stopped early says so); the settings' total is kept beside
+        "training": {**(train_cfg or {}), "steps": int(step), "configured_steps": (train_cfg or {}).get("steps")},
         "code_version": code_version(),
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -141,7 +141,7 @@ def bad_volume(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind, fragments", [
-    ("corrupt", ["cannot read", "volume.nii.gz"]),
+    ("corrupt", ["volume.nii.gz is corrupt"]),
     ("unit range", ["Hounsfield", "--input-units unit"]),
     ("2-D", ["3-D"]),
     ("nan", ["NaN"]),

@@ -330,14 +330,30 @@ def test_nifti_refusals(tmp_path, volume_lps):
     sheared[1, 2] = np.tan(np.radians(12))  # slices shifted in y along z: a gantry tilt
     one_line_error(load_volume, saved("tilt.nii", volume_lps, sheared), match="sheared")
     (tmp_path / "junk.nii.gz").write_bytes(b"\x1f\x8b" + os.urandom(200))
-    one_line_error(load_volume, tmp_path / "junk.nii.gz", match="cannot read NIfTI")
+    one_line_error(load_volume, tmp_path / "junk.nii.gz", match="corrupt")
     good = saved("cut.nii.gz", volume_lps)
     good.write_bytes(good.read_bytes()[:-30])
-    one_line_error(load_volume, good, match="cannot read NIfTI")
+    one_line_error(load_volume, good, match="corrupt.*cut short")
     one_line_error(load_volume, tmp_path / "absent.nii.gz", match="not found")
     (tmp_path / "image.mha").write_bytes(b"ObjectType = Image\n")
     one_line_error(load_volume, tmp_path / "image.mha", match="unsupported volume format")
     one_line_error(load_volume, good.with_name("flat.nii"), match="carries its own", spacing=(1, 1, 1))
+
+
+def test_corrupt_gzip_stream_is_refused_where_nibabel_reads_it(tmp_path):
+    """nibabel reads a .nii.gz only as far as the voxels go: damage that zlib does not notice on the way (here
+    the CRC-32 and the length in the stream's trailer) loads silently unless the whole stream is checked."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(rng.normal(0, 500, (20, 24, 22)).astype(np.float32), np.eye(4)), path)
+    intact = path.read_bytes()
+    assert load_volume(path)[0].shape == (22, 24, 20)
+    for offset in (8, 4):  # the CRC-32, then the length (ISIZE) of the trailer
+        damaged = bytearray(intact)
+        damaged[-offset] ^= 0x5A
+        path.write_bytes(bytes(damaged))
+        assert np.asanyarray(nib.load(path).dataobj).shape == (20, 24, 22)  # nibabel does not notice
+        one_line_error(load_volume, path, match="ct.nii.gz is corrupt: its gzip stream fails its check")
 
 
 # ----------------------------------------------------------------------------- .npy / .npz
@@ -406,6 +422,37 @@ def test_atomic_output_replaces_on_success_only(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.nii.gz"]
     one_line_error(lambda: atomic_output(tmp_path / "missing" / "x.json").__enter__(), match="does not exist")
     one_line_error(lambda: atomic_output(tmp_path).__enter__(), match="is a folder")
+
+
+def test_atomic_folder_replaces_as_a_whole_or_not_at_all(tmp_path):
+    from ctrecon.core.io import atomic_folder
+
+    target = tmp_path / "run"
+    with atomic_folder(target, ("a.txt", "b.txt")) as folder:
+        (folder / "a.txt").write_text("first a")
+        (folder / "b.txt").write_text("first b")
+        assert not target.exists()
+    with pytest.raises(RuntimeError):
+        with atomic_folder(target, ("a.txt", "b.txt")) as folder:
+            (folder / "a.txt").write_text("second a")
+            raise RuntimeError("writer failed half way")
+    assert {p.name: p.read_text() for p in target.iterdir()} == {"a.txt": "first a", "b.txt": "first b"}
+    with atomic_folder(target, ("a.txt", "b.txt")) as folder:
+        (folder / "a.txt").write_text("third a")
+    assert [p.name for p in target.iterdir()] == ["a.txt"]  # replaced as a whole: no b.txt left from before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    (target / "notes.txt").write_text("the user's")
+    one_line_error(lambda: atomic_folder(target, ("a.txt",)).__enter__(), match="not its output .notes.txt")
+    # a crash between the two renames: the old folder waits under .old-*, the next writer puts it back
+    (target / "notes.txt").unlink()
+    os.replace(target, tmp_path / ".old-0000-run")
+    (tmp_path / ".tmp-1111-run").mkdir()  # and a writer killed before it finished
+    with pytest.raises(RuntimeError):
+        with atomic_folder(target, ("a.txt",)):
+            raise RuntimeError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and (target / "a.txt").read_text() == "third a"
+    (tmp_path / "file").write_text("x")
+    one_line_error(lambda: atomic_folder(tmp_path / "file" / "run").__enter__(), match="is not a folder")
 
 
 def test_write_json_handles_numpy_and_non_finite(tmp_path):

@@ -69,6 +69,8 @@ def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_one(volume_fol
     with pytest.raises(KeyboardInterrupt):
         pretrain(volume_folder, tmp_path / "split", cfg, DATA, train, progress=stop_after_three)
     assert load_state(tmp_path / "split" / "checkpoint.pt")["step"] == 2
+    stopped = read_metadata(tmp_path / "split" / "prior.pt")["training"]
+    assert stopped["steps"] == 2 and stopped["configured_steps"] == 4  # the steps done, not the configured total
     with pytest.raises(InputError):  # refuses to overwrite a run without --resume
         pretrain(volume_folder, tmp_path / "split", cfg, DATA, train)
     with pytest.raises(InputError):  # refuses another architecture

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -354,14 +355,19 @@ def test_cli_optimizer_default_choice_and_config_files(scan_file, tmp_path):
     assert code == 2 and 'positive integer or "auto"' in err and not (tmp_path / "bad").exists()
 
 
-def test_cli_ctrl_c_writes_what_was_reached(scan_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_cli_ctrl_c_and_sigterm_write_what_was_reached(scan_file, tmp_path, monkeypatch, how):
     original = recon_module.reconstruct
 
     def interrupted_at_5(*args, callback=None, **kwargs):
         def hook(progress):
             callback(progress)
             if progress.iteration == 5:
-                raise KeyboardInterrupt
+                if how == "ctrl-c":
+                    raise KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGTERM)  # what timeout, SLURM and Kubernetes send
+                signal.sigtimedwait([], 1.0)  # the handler runs by now
+                raise AssertionError("SIGTERM did not stop the run")
 
         return original(*args, callback=hook, **kwargs)
 
@@ -375,6 +381,35 @@ def test_cli_ctrl_c_writes_what_was_reached(scan_file, tmp_path, monkeypatch):
     assert [h["iteration"] for h in metrics["history"]] == [0, 5]
     assert (out / "volume.nii.gz").exists() and (out / "gaussians.npz").exists()
     assert "interrupted after 5 iterations" in err
+
+
+def test_cli_failed_write_leaves_the_earlier_run_intact(scan_file, tmp_path, monkeypatch):
+    import ctrecon.pipeline.plots as plots
+
+    out = tmp_path / "run"
+    options = ["reconstruct", scan_file, "--iters", 2, "--eval-every", 1, "--n-gaussians", 200, "--out", out]
+    assert run_cli(options)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plots, "plot_run_curves", full_disk)  # fails after the volume and Gaussians are written
+    code, _, err = run_cli([*options[:3], 3, *options[4:]])
+    last = err.strip().splitlines()[-1]  # (after the progress bar)
+    assert code == 1 and last.startswith("ctrecon: error: cannot write the output: No space left on device")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # not a mix of the two runs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporaries
+
+
+def test_cli_checks_out_before_any_work(scan_file, tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("do not delete")
+    for out, message in ((tmp_path / "file" / "run", "is not a folder"), (tmp_path / "mine", "not its output")):
+        code, stdout, err = run_cli(["reconstruct", scan_file, "--iters", 5, "--out", out])
+        assert code == 2 and message in err and "iterations" not in stdout
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "do not delete"
 
 
 def test_case_names_come_from_the_scan_source(scan, tmp_path):

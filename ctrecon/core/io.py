@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gzip
 import json
 import math
 import os
 import secrets
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -34,7 +36,7 @@ from ctrecon.core.errors import InputError
 from ctrecon.core.geometry import ConeBeamGeometry
 
 __all__ = ["VolumeData", "read_volume", "load_volume", "save_volume", "Scan", "load_scan", "save_scan",
-           "atomic_output", "write_json"]
+           "atomic_output", "atomic_folder", "writable_folder", "write_json"]
 
 # Array axis 0 -> world z, 1 -> world y, 2 -> world x, each increasing along +LPS (nibabel ornt form).
 _ZYX_LPS_ORNT = np.array([[2, 1], [1, 1], [0, 1]])
@@ -75,6 +77,65 @@ def atomic_output(path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise
+
+
+def writable_folder(path, replaceable=None) -> Path:
+    """Check, before any work, that the folder ``path`` can be written as a whole: it does not exist or is a
+    folder, the nearest existing folder above it can be written in, and an existing one holds only names in
+    ``replaceable`` (a folder with other files is never replaced). InputError otherwise; returns the path."""
+    target = Path(path)
+    if target.exists():
+        if not target.is_dir():
+            raise InputError(f"--out {target} exists and is not a folder")
+        if replaceable is not None:
+            foreign = sorted(p.name for p in target.iterdir() if p.name not in replaceable)
+            if foreign:
+                raise InputError(f"--out {target} holds files that are not its output ({', '.join(foreign[:3])}"
+                                 f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder")
+    ancestor = target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"cannot create --out {target}: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"cannot create --out {target}: {ancestor} is not writable")
+    return target
+
+
+@contextlib.contextmanager
+def atomic_folder(path, replaceable=None) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside the folder ``path`` (parents created); on success it takes the
+    place of ``path`` as a whole, on an exception it is removed and an existing ``path`` is left as it was.
+
+    An existing ``path`` must pass :func:`writable_folder` with ``replaceable``; it is renamed aside just before
+    the new one is renamed in and removed after, so a crash between the two renames leaves it complete under
+    ``.old-*``: the next call for the same path puts it back (and removes temporaries left by a killed writer).
+    """
+    import shutil
+
+    target = writable_folder(path, replaceable)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".old-*-{target.name}"):  # a crash between the two renames
+        if target.exists():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.replace(stale, target)
+    for stale in target.parent.glob(f".tmp-*-{target.name}"):  # a writer killed before it finished
+        shutil.rmtree(stale, ignore_errors=True)
+    temp = target.parent / f".tmp-{secrets.token_hex(4)}-{target.name}"
+    temp.mkdir()
+    try:
+        yield temp
+        old = None
+        if target.exists():
+            old = target.parent / f".old-{secrets.token_hex(4)}-{target.name}"
+            os.replace(target, old)
+        os.replace(temp, target)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -269,11 +330,32 @@ def _to_lps(data: np.ndarray, index_to_lps: np.ndarray, source: str) -> tuple:
 
 
 # ----------------------------------------------------------------------------- NIfTI
+_GZIP_MAGIC = b"\x1f\x8b"
+_GZIP_CHUNK = 1 << 22
+
+
+def _verify_gzip(source: Path) -> None:
+    """Decompress the whole gzip stream of ``source`` (every member) so that its CRC-32 and length are checked:
+    nibabel reads only the bytes of the voxels, and the stream's trailer, where corruption is detected, is
+    never reached. InputError naming the file on a corrupt or truncated stream."""
+    try:
+        with gzip.open(source, "rb") as stream:
+            while stream.read(_GZIP_CHUNK):
+                pass
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise InputError(f"{source} is corrupt: its gzip stream fails its check ({err or type(err).__name__}); "
+                         "the file was damaged or cut short") from None
+
+
 def _read_nifti(source: Path) -> VolumeData:
     import nibabel as nib
 
     if not source.is_file():
         raise InputError(f"not a file: {source}")
+    with open(source, "rb") as handle:
+        compressed = handle.read(2) == _GZIP_MAGIC
+    if compressed:
+        _verify_gzip(source)
     try:
         image = nib.load(source)
         shape = image.shape

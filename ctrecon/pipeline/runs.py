@@ -4,7 +4,10 @@ and ``ctrecon demo``) and reads them (``ctrecon report``, the demo's summary).
     write_run("run/", result, scan, scan_file="scan.npz", source=..., case="chest", seed=0, device="cpu")
     run = load_run("run/")      # RunRecord: .init, .views, .case, .metrics; run.volume()
 
-A run folder holds, written in this order, each file atomically:
+A run folder is written as a whole (:func:`ctrecon.core.io.atomic_folder`: into a temporary folder beside it,
+renamed into place at the end, so a failure leaves an earlier run there intact, never a mix of the two; an
+existing folder is replaced only when it holds nothing but run files, :func:`check_run_folder`). It holds,
+written in this order:
 
 - ``volume.nii.gz`` (:data:`VOLUME_FILE`): the reconstruction in unit attenuation (like ``ctrecon fdk``),
   in the source volume's patient frame when the simulation recorded it, else in the scan's frame;
@@ -25,7 +28,7 @@ import os
 from ctrecon.core.errors import InputError
 
 __all__ = ["VOLUME_FILE", "GAUSSIANS_FILE", "CONFIG_FILE", "CURVES_FILE", "METRICS_FILE", "RUN_FILES", "UNITS",
-           "RunRecord", "write_run", "load_run"]
+           "RunRecord", "write_run", "load_run", "check_run_folder"]
 
 VOLUME_FILE = "volume.nii.gz"
 GAUSSIANS_FILE = "gaussians.npz"
@@ -38,18 +41,30 @@ RUN_FILES = (VOLUME_FILE, GAUSSIANS_FILE, CONFIG_FILE, CURVES_FILE, METRICS_FILE
 UNITS = "unit attenuation (HU + 1024) / 4095"
 
 
-def write_run(out, result, scan, *, scan_file: str, source, case: str, seed: int, device,
-              prior=None, init_gaussians=None) -> None:
-    """Write the run folder ``out`` (created when missing) of ``result`` (a ReconstructResult) on ``scan``.
+def check_run_folder(out) -> None:
+    """InputError, before any work, when ``out`` cannot become a run folder (see the module docstring)."""
+    from ctrecon.core.io import writable_folder
 
-    scan_file, source, case, seed, device, prior (the prior file of a prior initialisation) and
-    init_gaussians (the Gaussian file it started from) are recorded in config.json; case also in
-    metrics.json.
-    """
+    writable_folder(out, RUN_FILES)
+
+
+def write_run(out, result, scan, **record) -> None:
+    """Write the run folder ``out`` of ``result`` (a ReconstructResult) on ``scan`` as a whole (see the module
+    docstring); ``record``: the keywords of :func:`_write_run_files`."""
+    from ctrecon.core.io import atomic_folder
+
+    with atomic_folder(out, RUN_FILES) as folder:
+        _write_run_files(str(folder), result, scan, **record)
+
+
+def _write_run_files(out, result, scan, *, scan_file: str, source, case: str, seed: int, device,
+                     prior=None, init_gaussians=None) -> None:
+    """The files of the run folder ``out``. scan_file, source, case, seed, device, prior (the prior file of a
+    prior initialisation) and init_gaussians (the Gaussian file it started from) are recorded in config.json;
+    case also in metrics.json."""
     from ctrecon.core.io import save_volume, write_json
     from ctrecon.pipeline.plots import plot_run_curves
 
-    os.makedirs(out, exist_ok=True)
     grid = scan.geometry.volume
     origin = scan.meta.get("origin")  # the source volume's patient frame, when the simulation recorded it
     if not (isinstance(origin, (list, tuple)) and len(origin) == 3):
