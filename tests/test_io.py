@@ -217,6 +217,18 @@ def test_dicom_refusals(tmp_path, volume_lps):
     path.write_bytes(path.read_bytes()[:-40])  # truncated pixel data
     one_line_error(load_volume, broken, match="cannot decode pixel data")
 
+    for end in (0, -1):  # a slice at either end of the series would vanish without a word
+        pixelless = series(f"pixelless{end}", shuffle=False)
+        path = sorted(pixelless.glob("*.dcm"))[end]
+        ds = pydicom.dcmread(path)
+        del ds.PixelData
+        ds.save_as(path)
+        one_line_error(load_volume, pixelless, match=f"{path.name} is a slice of the series without pixel data")
+        garbled = series(f"garbled{end}", shuffle=False)
+        path = sorted(garbled.glob("*.dcm"))[end]
+        path.write_bytes(os.urandom(300))
+        one_line_error(load_volume, garbled, match=f"{path.name} cannot be read")
+
 
 def test_dicom_resample_non_uniform_and_missing(tmp_path):
     # A volume linear in z: linear interpolation along z reproduces it exactly at any position.
@@ -335,6 +347,11 @@ def test_nifti_refusals(tmp_path, volume_lps):
     good.write_bytes(good.read_bytes()[:-30])
     one_line_error(load_volume, good, match="corrupt.*cut short")
     one_line_error(load_volume, tmp_path / "absent.nii.gz", match="not found")
+    zero = nib.Nifti1Image(volume_lps, None)
+    zero.header.set_zooms((1.0, 0.0, 1.0))
+    nib.save(zero, tmp_path / "zero.nii")
+    one_line_error(load_volume, tmp_path / "zero.nii", match="voxel size is .* a size of 0")
+    one_line_error(load_volume, saved("huge.nii", volume_lps, np.diag([1e9, 1e9, 1e9, 1.0])), match="is not a CT's")
     (tmp_path / "image.mha").write_bytes(b"ObjectType = Image\n")
     one_line_error(load_volume, tmp_path / "image.mha", match="unsupported volume format")
     one_line_error(load_volume, good.with_name("flat.nii"), match="carries its own", spacing=(1, 1, 1))
@@ -494,6 +511,18 @@ def test_scan_round_trip(tmp_path, with_truth, compress):
     with np.load(tmp_path / "scan.npz", allow_pickle=False) as raw:  # the documented on-disk layout
         assert "angles" not in json.loads(str(raw["geometry"]))
         assert raw["projections"].shape == (6, 3, 7)
+
+
+def test_scan_refuses_values_on_another_scale():
+    grid = VolumeGeometry((8, 10, 10), (2.0, 2.0, 2.0))
+    geometry = ConeBeamGeometry.covering(grid, n_views=6)
+    truth = np.full(grid.nVoxel, 0.25, dtype=np.float32)
+    projections = np.full(geometry.projection_shape, 5.0, dtype=np.float32)
+    Scan(projections, geometry.angles, geometry, truth)  # plausible: accepted
+    one_line_error(Scan, projections * 1e30, geometry.angles, geometry, truth, match="not line integrals")
+    hounsfield = np.full(grid.nVoxel, -1000.0, dtype=np.float32)
+    hounsfield[2:6, 3:7, 3:7] = 40.0  # soft tissue in air, in HU
+    one_line_error(Scan, projections, geometry.angles, geometry, hounsfield, match="looks like HU")
 
 
 def test_load_scan_refusals(tmp_path):

@@ -54,6 +54,8 @@ def test_noise_is_seeded_and_clipped_at_one_count():
     assert first.max() <= math.log(1000.0) / (0.0192 * 4095 / 1024) + 1e-4  # N ≥ 1 count: at most log(I0)/κ
     with pytest.raises(InputError, match="dose"):
         add_noise(projections, 0.0)
+    with pytest.raises(InputError, match="too low .* 100 % of the detector readings"):
+        add_noise(projections, 1e-3)  # ~no photon anywhere: the "scan" would be the clip value
     with pytest.raises(InputError, match="electronic"):
         add_noise(projections, 100.0, -1.0)
     with pytest.raises(InputError, match="mu_water"):

@@ -212,16 +212,22 @@ def read_volume(path, *, allow_resample: bool = False, spacing=None) -> VolumeDa
         raise InputError(f"volume not found: {source}")
     if source.is_dir() or name.endswith(_DICOM_SUFFIXES) or (source.is_file() and _has_dicom_magic(source)):
         _refuse_spacing(spacing, source)
-        return _read_dicom(source, allow_resample)
-    if name.endswith(_NIFTI_SUFFIXES):
+        volume = _read_dicom(source, allow_resample)
+    elif name.endswith(_NIFTI_SUFFIXES):
         _refuse_spacing(spacing, source)
-        return _read_nifti(source)
-    if name.endswith(".npy"):
-        return _read_npy(source, spacing)
-    if name.endswith(".npz"):
-        return _read_npz_volume(source, spacing)
-    raise InputError(f"unsupported volume format: {source} (expected NIfTI .nii/.nii.gz, a DICOM series folder, "
-                     ".npy or .npz)")
+        volume = _read_nifti(source)
+    elif name.endswith(".npy"):
+        volume = _read_npy(source, spacing)
+    elif name.endswith(".npz"):
+        volume = _read_npz_volume(source, spacing)
+    else:
+        raise InputError(f"unsupported volume format: {source} (expected NIfTI .nii/.nii.gz, a DICOM series folder, "
+                         ".npy or .npz)")
+    low, high = _PLAUSIBLE_VOXEL_MM
+    if not all(low <= d <= high for d in volume.spacing):
+        raise InputError(f"{source}: voxel size {tuple(f'{d:.6g}' for d in volume.spacing)} mm (z, y, x) is not a "
+                         f"CT's (expected {low:g} to {high:g} mm); check the file's header")
+    return volume
 
 
 def save_volume(path, array, spacing, origin=(0.0, 0.0, 0.0)) -> None:
@@ -330,6 +336,9 @@ def _to_lps(data: np.ndarray, index_to_lps: np.ndarray, source: str) -> tuple:
 
 
 # ----------------------------------------------------------------------------- NIfTI
+#: Voxel sizes (mm) a CT volume can have; outside, the header is wrong (a 0 that a reader turned into 1 mm is
+#: caught where the header is read).
+_PLAUSIBLE_VOXEL_MM = (0.01, 100.0)
 _GZIP_MAGIC = b"\x1f\x8b"
 _GZIP_CHUNK = 1 << 22
 
@@ -349,6 +358,7 @@ def _verify_gzip(source: Path) -> None:
 
 def _read_nifti(source: Path) -> VolumeData:
     import nibabel as nib
+    from nibabel.openers import ImageOpener
 
     if not source.is_file():
         raise InputError(f"not a file: {source}")
@@ -361,6 +371,11 @@ def _read_nifti(source: Path) -> VolumeData:
         shape = image.shape
         if len(shape) < 3 or any(n != 1 for n in shape[3:]):
             raise InputError(f"{source}: a 3-D volume is needed, the image has shape {shape}")
+        with ImageOpener(source) as handle:  # the header as stored: nibabel's checks turn a 0 into 1 mm
+            zooms = type(image.header).from_fileobj(handle, check=False)["pixdim"][1:4]
+        if any(not abs(z) > 0 for z in zooms):
+            raise InputError(f"{source}: the header's voxel size is {tuple(float(z) for z in zooms)} mm; a size of 0 "
+                             "has no meaning (readers silently take 1 mm): fix the header")
         data = np.asanyarray(image.dataobj).reshape(shape[:3])  # scl_slope/scl_inter applied
         affine = np.asarray(image.affine, dtype=np.float64)
     except InputError:
@@ -459,14 +474,21 @@ def _read_dicom(source: Path, allow_resample: bool) -> VolumeData:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     dataset = pydicom.dcmread(path, force=True)
-            except Exception:  # noqa: BLE001 - anything unreadable as DICOM is not part of the series
-                continue
-            if "ImagePositionPatient" not in dataset:
+            except Exception:  # noqa: BLE001 - anything unreadable as DICOM is not part of the series...
+                dataset = None
+            if dataset is None or "ImagePositionPatient" not in dataset:
+                if path.suffix.lower() in _DICOM_SUFFIXES:  # ...unless it is named as a slice of it
+                    raise InputError(f"DICOM file {path} cannot be read (damaged or not DICOM); the series would "
+                                     "lose a slice: remove or replace it")
                 continue
         except (OSError, EOFError, ValueError, KeyError) as err:
             raise InputError(f"cannot read DICOM file {path}: {err}") from None
-        if "PixelData" not in dataset:  # DICOMDIR, reports, ...
-            continue
+        if "PixelData" not in dataset:
+            if "ImagePositionPatient" in dataset and (wanted_series is None
+                                                      or dataset.get("SeriesInstanceUID") == wanted_series):
+                raise InputError(f"DICOM file {path} is a slice of the series without pixel data; the series would "
+                                 "lose a slice: remove or replace it")
+            continue  # DICOMDIR, reports, ...
         if wanted_series is None or dataset.get("SeriesInstanceUID") == wanted_series:
             slices.append((path, dataset))
     if not slices:
@@ -596,6 +618,11 @@ def _resample_uniform(stack: np.ndarray, along: np.ndarray) -> tuple:
 
 
 # ----------------------------------------------------------------------------- scan files
+#: Unit attenuation is (clip(HU) + 1024) / 4095 ∈ [0, 1]; values beyond ±this (noise, interpolation overshoot
+#: allowed) mean another scale, e.g. HU or μ in 1/cm.
+_PLAUSIBLE_UNIT_MAX = 2.0
+
+
 @dataclasses.dataclass
 class Scan:
     """A (simulated or measured) scan, as stored in a scan ``.npz`` file (DESIGN.md §2).
@@ -622,11 +649,21 @@ class Scan:
                              f"{self.geometry.projection_shape} (A, V, U)")
         if self.angles.shape != self.geometry.angles.shape or not np.array_equal(self.angles, self.geometry.angles):
             raise InputError("angles disagree with geometry.angles")
+        longest = float(np.linalg.norm(self.geometry.sVoxel))  # mm: no ray is longer inside the volume
+        largest = float(np.abs(self.projections).max()) if self.projections.size else 0.0
+        if largest > _PLAUSIBLE_UNIT_MAX * longest:
+            raise InputError(f"projections reach {largest:.4g} unit·mm, but a ray through this volume (at most "
+                             f"{longest:.4g} mm long, unit attenuation ≤ 1) cannot exceed {longest:.4g}: they are "
+                             "not line integrals of unit attenuation (other units, or not log-converted?)")
         if self.ground_truth is not None:
             self.ground_truth = _finite_array(self.ground_truth, np.float32, "ground_truth")
             if self.ground_truth.shape != self.geometry.nVoxel:
                 raise InputError(f"ground_truth has shape {self.ground_truth.shape}, the geometry's nVoxel is "
                                  f"{self.geometry.nVoxel}")
+            low, high = float(self.ground_truth.min()), float(self.ground_truth.max())
+            if low < -_PLAUSIBLE_UNIT_MAX or high > _PLAUSIBLE_UNIT_MAX:
+                raise InputError(f"ground_truth spans [{low:.4g}, {high:.4g}], outside unit attenuation [0, 1]"
+                                 f"{' (it looks like HU: convert with ctrecon.core.units.hu_to_unit)' if max(high, -low) > 100 else ''}")
         if not isinstance(self.meta, Mapping):
             raise InputError(f"meta must be a dict, got {type(self.meta).__name__}")
         self.meta = dict(self.meta)

@@ -54,12 +54,17 @@ def resample_volume(volume, spacing, *, shape=None, spacing_out=None) -> tuple:
     return resampled[0, 0].numpy(), new_spacing
 
 
+#: The largest fraction of detector readings below one photon (clipped to 1) that a noisy scan may have.
+_MAX_STARVED_FRACTION = 0.5
+
+
 def add_noise(projections, dose_i0: float, electronic_sigma: float = 0.0, seed: int = 0,
               mu_water: float = MU_WATER) -> np.ndarray:
     """Noisy line integrals (unit × mm, float32) by the model of the module docstring.
 
     ``p_noisy = -log(N / I0) / κ`` with ``N = max(1, Poisson(I0·e^{-κp}) + Normal(0, σ_e²))`` and
-    ``κ = mu_water·4095/1024`` (mm⁻¹ per unit attenuation).
+    ``κ = mu_water·4095/1024`` (mm⁻¹ per unit attenuation). InputError when more than half the readings
+    fall below one photon (a dose far too low: the scan would be the clip value, not a measurement).
     """
     i0 = _positive_number(dose_i0, "dose (incident photons per pixel)")
     kappa = _positive_number(mu_water, "mu_water (mm^-1)") * HU_SPAN / -HU_MIN
@@ -71,6 +76,11 @@ def add_noise(projections, dose_i0: float, electronic_sigma: float = 0.0, seed: 
     counts = rng.poisson(expected).astype(np.float64)
     if sigma > 0:
         counts += rng.normal(0.0, sigma, size=counts.shape)
+    starved = float(np.mean(counts < 1.0)) if counts.size else 0.0
+    if starved > _MAX_STARVED_FRACTION:
+        raise InputError(f"a dose of {i0:g} photons per pixel is too low for this object: {100 * starved:.0f} % of the "
+                         "detector readings are below one photon, so the projections would be mostly the clip value; "
+                         "raise --dose")
     return (-np.log(np.maximum(counts, 1.0) / i0) / kappa).astype(np.float32)
 
 
