@@ -404,7 +404,8 @@ RECONSTRUCTION_METHODS = ("3dgr", "sart", "os-sart", "cgls", "fista-tv", "fdk")
 def _prior_initializers(inits, prior) -> tuple:
     """``(initialisers, prior files)`` of the init names ``inits``: the prior ones (``PRIOR_INITS``)
     become :class:`priors.zero_shot.PriorInit` of ``prior`` (default: each one's shipped prior), their
-    files recorded as init name → file; the others stay names. ``--prior`` needs a prior init."""
+    files recorded as init name → file; the others stay names. ``--prior`` needs a prior init. Every prior is
+    loaded and checked here, before any work."""
     used = [init for init in inits if init in PRIOR_INITS]
     if prior is not None and not used:
         raise InputError(f"--prior is for the inits {' and '.join(PRIOR_INITS)}")
@@ -413,6 +414,8 @@ def _prior_initializers(inits, prior) -> tuple:
     from priors.zero_shot import PriorInit
 
     chosen = {init: PriorInit(prior, name=init) for init in used}
+    for initializer in chosen.values():
+        initializer.check()  # a bad prior file fails here, before any scan is simulated or reconstructed
     return tuple(chosen.get(init, init) for init in inits), {init: str(c.path) for init, c in chosen.items()}
 
 
@@ -626,10 +629,13 @@ def _classical_run(method, start, iters, stop_at_thresholds, config_path, overri
 @click.option("--out", required=True, type=click.Path(), help="Report folder to write.")
 @common_options
 def report(runs, out, device, seed):
-    """Compare reconstruction runs: a Table-4-style summary, curves and paired t-tests.
+    """Compare reconstruction runs: a Table-4-style summary, curves and paired tests.
 
-    Groups RUN folders (written by `ctrecon reconstruct`) by initialisation and view count and
-    writes OUT/report.md, OUT/table.csv, OUT/curves.png and OUT/stats.json.
+    Groups RUN folders (written by `ctrecon reconstruct`) by arm (the initialisation of a 3DGR-CT run, the
+    method of a classical one) and view count and writes OUT/report.md, OUT/table.csv, OUT/curves.png,
+    OUT/curves_seconds.png and OUT/stats.json. Times to a threshold that a run never reached are censored
+    (shown as >= what it did) and rank last; paired tests (sign test on times, Wilcoxon on final PSNR)
+    pair cases at one view count.
 
     \b
     Example:
@@ -803,7 +809,7 @@ def benchmark(cases, views, inits, methods, classical_iters, iters, eval_every, 
     (3DGR-CT) and every classical --methods.
 
     CASES are CT volumes in HU (NIfTI, DICOM folder, .npy/.npz). Writes OUT/scans/, OUT/runs/<case>_v<views>_<init>/
-    and <case>_v<views>_<method>/ (as `ctrecon reconstruct`), OUT/report/ (as `ctrecon report`: table, curves, paired t-tests) and
+    and <case>_v<views>_<method>/ (as `ctrecon reconstruct`), OUT/report/ (as `ctrecon report`: table, curves, paired tests) and
     OUT/benchmark.json.
 
     \b

@@ -352,14 +352,23 @@ class PriorInit:
     def __repr__(self) -> str:
         return f"PriorInit({self.prior!r}, name={self.name!r}, overlap={self.config.overlap})"
 
+    def check(self) -> None:
+        """Load the prior (on the CPU, kept) and check it suits this initialisation: InputError before any work."""
+        self._model(torch.device("cpu"))
+
+    def _model(self, device: torch.device) -> tuple:
+        """(model, metadata) of the prior on ``device``, loaded once per device and checked."""
+        if str(device) not in self._loaded:
+            model, metadata = load_zero_shot_prior(self.path, device)
+            if self.config.levels == "all" and metadata["architecture"] != "medgmae-star":
+                raise InputError(f"the {self.name} initialisation needs a MedGMAE* prior; "
+                                 f"{self.path} is a {metadata['architecture']} prior")
+            self._loaded[str(device)] = model, metadata
+        return self._loaded[str(device)]
+
     def __call__(self, fdk_volume, volume_geometry, n_gaussians=None, generator=None, **options):
         fdk = torch.as_tensor(fdk_volume)
-        if str(fdk.device) not in self._loaded:
-            self._loaded[str(fdk.device)] = load_zero_shot_prior(self.path, fdk.device)
-        model, metadata = self._loaded[str(fdk.device)]
-        if self.config.levels == "all" and metadata["architecture"] != "medgmae-star":
-            raise InputError(f"the {self.name} initialisation needs a MedGMAE* prior; "
-                             f"{self.path} is a {metadata['architecture']} prior")
+        model, metadata = self._model(fdk.device)
         if n_gaussians is not None:
             options["max_gaussians"] = int(n_gaussians)
         return infer_field(fdk, volume_geometry, model, metadata, dataclasses.replace(self.config, **options))

@@ -138,3 +138,19 @@ def test_cli_pretrain(volume_folder, tmp_path, capsys):
         main(["pretrain", "--data", str(volume_folder), "--config", "tiny", "--out", str(tmp_path / "y"),
               "--window", "250,-175"])
     assert exit_info.value.code == 2 and not (tmp_path / "y").exists()
+
+
+def test_cli_pretrain_bad_volume_in_a_worker_is_one_line(volume_folder, tmp_path):
+    """A corrupt volume met by a DataLoader worker process: its own one-line error, not the worker's traceback."""
+    import shutil
+
+    from cli_helpers import run_cli
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(volume_folder / "case.nii.gz", data / "a.nii.gz")
+    intact = (volume_folder / "case.nii.gz").read_bytes()
+    (data / "b.nii.gz").write_bytes(intact[:-8] + bytes(b ^ 0x5A for b in intact[-8:]))  # trailer damaged
+    code, _, err = run_cli(["pretrain", "--data", data, "--config", "tiny", "--out", tmp_path / "run", "--steps", 2,
+                            "--batch", 2, "--crop-size", 32, "--workers", 2, "--device", "cpu"])
+    assert code == 2 and err.count("\n") == 1 and "b.nii.gz is corrupt" in err, err

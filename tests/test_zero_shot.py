@@ -315,6 +315,16 @@ def test_reconstruct_takes_a_prior_initialiser_and_the_cli_its_checkpoint(tmp_pa
     code, _, stderr = run_cli(["reconstruct", scan_path, "--init", "medgmae", "--prior", tmp_path / "no.pt",
                                "--out", tmp_path / "run2"])
     assert code == 2 and "prior not found" in stderr and not (tmp_path / "run2").exists()
+    garbage = tmp_path / "bad.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    volume = tmp_path / "ct.npy"
+    np.save(volume, np.where(np.random.default_rng(0).random((12, 16, 16)) > 0.5, 40.0, -1000.0))
+    for command in (["reconstruct", scan_path, "--init", "medgmae", "--prior", garbage, "--out", tmp_path / "run3"],
+                    ["benchmark", volume, "--views", 12, "--inits", "fbp,medgmae", "--prior", garbage,
+                     "--out", tmp_path / "bench"]):
+        code, _, stderr = run_cli(command)
+        assert code == 2 and stderr.count("\n") == 1 and "bad.pt" in stderr, stderr
+    assert not (tmp_path / "run3").exists() and not (tmp_path / "bench").exists()  # refused before any work
 
 
 def plane_errors(rendered: np.ndarray, reference: np.ndarray, axis: int) -> np.ndarray:
