@@ -403,9 +403,12 @@ def _open_npz(source: Path):
     if not source.is_file():
         raise InputError(f"not a file: {source}")
     try:
-        return np.load(source, allow_pickle=False)
+        archive = np.load(source, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise InputError(f"cannot read {source} as an .npz file: {err}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise InputError(f"{source} holds one .npy array, not an .npz archive: rename it to .npy")
+    return archive
 
 
 def _npz_member(archive, key: str, source: Path) -> np.ndarray:

@@ -90,6 +90,16 @@ class ClassicalConfig:
             if name not in SOLVER_OPTIONS[solver.name] and getattr(solver, name) != getattr(defaults, name):
                 raise InputError(f"{name} does not apply to {solver.name} (it takes "
                                  f"{', '.join(SOLVER_OPTIONS[solver.name]) or 'no settings'})")
+        for name in ("relaxation", "relaxation_decay", "tv_weight"):
+            if not _finite(getattr(solver, name)):
+                raise InputError(f"{name} must be a finite number, got {getattr(solver, name)!r}")
+        for name in ("subsets", "tv_iterations"):
+            value = getattr(solver, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+                raise InputError(f"{name} must be an integer, got {value!r}")
+        for section, name in ((solver, "nonnegative"), (self.stopping, "stop_at_thresholds")):
+            if not isinstance(getattr(section, name), bool):
+                raise InputError(f"{name} must be true or false, got {getattr(section, name)!r}")
         iterations = solver.iterations
         if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer))
                                        or iterations < (0 if solver.name == "fdk" else 1)):

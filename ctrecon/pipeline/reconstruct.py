@@ -288,7 +288,7 @@ class ReconstructConfig:
                              f"(use {', '.join(DENSITY_STRATEGIES)} or none)")
         if values["ssim_threshold_metric"] not in SSIM_METRICS:
             raise InputError(f"ssim_threshold_metric must be one of {', '.join(SSIM_METRICS)}")
-        if not 0.0 < values["densify_grad_quantile"] < 1.0:
+        if not _finite(values["densify_grad_quantile"]) or not 0.0 < values["densify_grad_quantile"] < 1.0:
             raise InputError(f"densify_grad_quantile must be in (0, 1), got {values['densify_grad_quantile']}")
         if not _finite(values["split_offset"]) or not 0.0 < values["split_offset"] < 1.0:
             raise InputError(f"split_offset must be in (0, 1), got {values['split_offset']!r}")

@@ -130,6 +130,29 @@ def _read_json(path: str, what: str) -> dict:
     return data
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_metrics(metrics: dict, where: str) -> None:
+    """InputError naming the first field of a metrics.json that a report could not use."""
+    if not _number(metrics["iterations"]) or metrics["iterations"] < 0:
+        raise InputError(f"{where}: iterations must be a number >= 0, got {metrics['iterations']!r}")
+    history = metrics["history"]
+    if not isinstance(history, list) or not all(isinstance(h, dict) and _number(h.get("iteration"))
+                                                and _number(h.get("seconds")) for h in history):
+        raise InputError(f"{where}: history must be a list of records with a number 'iteration' and 'seconds'")
+    for key in ("final", "thresholds"):
+        if metrics.get(key) is not None and not isinstance(metrics[key], dict):
+            raise InputError(f"{where}: {key} must be an object or null, got {metrics[key]!r}")
+    for name, entry in (metrics.get("thresholds") or {}).items():
+        if entry is not None and not (isinstance(entry, dict) and _number(entry.get("iteration"))):
+            raise InputError(f"{where}: thresholds.{name} must be null or hold a number 'iteration'")
+    for key in ("wall_seconds", "psnr_threshold", "ssim_threshold"):
+        if metrics.get(key) is not None and not _number(metrics[key]):
+            raise InputError(f"{where}: {key} must be a number, got {metrics[key]!r}")
+
+
 def load_run(run_dir: str) -> RunRecord:
     """Read ``RUN/metrics.json`` (required) and ``RUN/config.json`` (optional, for views and case)."""
     if not os.path.isdir(run_dir):
@@ -138,6 +161,7 @@ def load_run(run_dir: str) -> RunRecord:
     for key in ("init", "iterations", "history"):
         if key not in metrics:
             raise InputError(f"{run_dir}/{METRICS_FILE} lacks the key {key!r}")
+    _check_metrics(metrics, f"{run_dir}/{METRICS_FILE}")
     config_path = os.path.join(run_dir, CONFIG_FILE)
     config = _read_json(config_path, "config file") if os.path.exists(config_path) else {}
     views = metrics.get("views", config.get("views"))

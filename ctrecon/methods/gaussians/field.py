@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
 from typing import Mapping
 
 import numpy as np
@@ -201,11 +202,16 @@ class GaussianField(nn.Module):
         if not os.path.isfile(path):
             raise InputError(f"Gaussian file not found: {path}")
         try:
-            with np.load(path, allow_pickle=False) as data:
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("one .npy array, not an .npz archive")
+            with data:
                 meta = json.loads(str(data["metadata"]))
                 arrays = {attr: np.array(data[attr]) for attr in GROUP_NAMES.values()}
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
             raise InputError(f"{path} is not a ctrecon Gaussian file ({err})") from None
+        if not isinstance(meta, dict):
+            raise InputError(f"{path} is not a ctrecon Gaussian file (its metadata is not an object)")
         if meta.get("format") != FORMAT:
             raise InputError(f"{path} is not a ctrecon Gaussian file (format {meta.get('format')!r})")
         if int(meta.get("version", 0)) > FORMAT_VERSION:
