@@ -1,6 +1,7 @@
 """A corpus of bad inputs, one of each class the reliability review found (each once silent, a traceback, an
 internal error or a destroyed output): every one must end with exit code 2, one line ``ctrecon: error: ...``
 on stderr, no new file, and the earlier output left byte for byte."""
+import gzip
 import json
 import os
 import shutil
@@ -89,6 +90,19 @@ def _case(name, good, tmp):
         (tmp / "badrun").mkdir()
         (tmp / "badrun" / "metrics.json").write_text(json.dumps({"init": "fbp", "iterations": 3, "history": "x"}))
         return ["report", tmp / "badrun", "--out", tmp / "report"], tmp / "report"
+    if name == "header claims a huge volume":
+        header = nib.Nifti1Header()
+        header.set_data_shape((2000, 2000, 2000))
+        header.set_data_dtype(np.float32)
+        header.set_zooms((1.0, 1.0, 1.0))
+        with gzip.open(tmp / "ct.nii.gz", "wb") as handle:  # a 2 kB file whose header promises 32 GB
+            header.write_to(handle)
+            handle.write(b"\0" * 1024)
+        return ["simulate", tmp / "ct.nii.gz", "--views", 8, "--out", out_scan], out_scan
+    if name == "grid larger than the memory":
+        return ["simulate", root / "ct.nii.gz", "--views", 8, "--shape", "4000,4000,4000", "--out", out_scan], out_scan
+    if name == "views larger than the memory":
+        return ["simulate", root / "ct.nii.gz", "--views", 2_000_000, "--out", out_scan], out_scan
     if name == "output under a file":
         (tmp / "file").write_text("x")
         return ["reconstruct", root / "scan.npz", "--method", "cgls", "--out", tmp / "file" / "run"], tmp / "file"
@@ -100,7 +114,8 @@ def _case(name, good, tmp):
 CASES = ["gzip trailer damaged", ".npy renamed .npz", "voxel size 0 in the header",
          "DICOM slice without pixels at the end", "dose far too low", "ground truth in HU",
          "projections scaled by 1e30", "config value of the wrong type", "classical config value of the wrong type",
-         "truncated Gaussian file", "run history not a list", "output under a file",
+         "truncated Gaussian file", "run history not a list", "header claims a huge volume",
+         "grid larger than the memory", "views larger than the memory", "output under a file",
          "output folder of someone else's files"]
 
 
@@ -109,7 +124,8 @@ def _snapshot(folder):
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_bad_input_is_one_line_exit_2_and_leaves_outputs_alone(name, good, tmp_path):
+def test_bad_input_is_one_line_exit_2_and_leaves_outputs_alone(name, good, tmp_path, monkeypatch):
+    monkeypatch.setenv("CTRECON_MEMORY_BYTES", str(2 ** 30))  # a 1 GiB machine: size limits bite before allocation
     args, output = _case(name, good, tmp_path)
     if name == "output folder of someone else's files":
         output.mkdir()

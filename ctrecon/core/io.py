@@ -33,6 +33,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from ctrecon.core.errors import InputError
+from ctrecon.core.limits import check_memory
 from ctrecon.core.geometry import ConeBeamGeometry
 
 __all__ = ["VolumeData", "read_volume", "load_volume", "save_volume", "Scan", "load_scan", "save_scan",
@@ -343,17 +344,20 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _GZIP_CHUNK = 1 << 22
 
 
-def _verify_gzip(source: Path) -> None:
-    """Decompress the whole gzip stream of ``source`` (every member) so that its CRC-32 and length are checked:
+def _verify_gzip(source: Path) -> int:
+    """Decompress the whole gzip stream of ``source`` (every member) so that its CRC-32 and length are checked,
+    and return its length (bytes):
     nibabel reads only the bytes of the voxels, and the stream's trailer, where corruption is detected, is
     never reached. InputError naming the file on a corrupt or truncated stream."""
+    length = 0
     try:
         with gzip.open(source, "rb") as stream:
-            while stream.read(_GZIP_CHUNK):
-                pass
+            while chunk := stream.read(_GZIP_CHUNK):
+                length += len(chunk)
     except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
         raise InputError(f"{source} is corrupt: its gzip stream fails its check ({err or type(err).__name__}); "
                          "the file was damaged or cut short") from None
+    return length
 
 
 def _read_nifti(source: Path) -> VolumeData:
@@ -364,8 +368,7 @@ def _read_nifti(source: Path) -> VolumeData:
         raise InputError(f"not a file: {source}")
     with open(source, "rb") as handle:
         compressed = handle.read(2) == _GZIP_MAGIC
-    if compressed:
-        _verify_gzip(source)
+    stored_bytes = _verify_gzip(source) if compressed else source.stat().st_size
     try:
         image = nib.load(source)
         shape = image.shape
@@ -376,6 +379,13 @@ def _read_nifti(source: Path) -> VolumeData:
         if any(not abs(z) > 0 for z in zooms):
             raise InputError(f"{source}: the header's voxel size is {tuple(float(z) for z in zooms)} mm; a size of 0 "
                              "has no meaning (readers silently take 1 mm): fix the header")
+        needed = int(image.header.get_data_offset()) + math.prod(shape) * image.get_data_dtype().itemsize
+        if stored_bytes < needed:  # before allocating what the header claims
+            raise InputError(f"{source}: the header describes {'x'.join(map(str, shape))} voxels of "
+                             f"{image.get_data_dtype()} ({needed} bytes) but the file holds {stored_bytes}: it is "
+                             "truncated or its header is damaged")
+        check_memory(8 * math.prod(shape[:3]), f"{source.name} (its header says {'x'.join(map(str, shape[:3]))} voxels)",
+                     "if that is not the volume's size, the header is damaged")  # stored data + float32 copy
         data = np.asanyarray(image.dataobj).reshape(shape[:3])  # scl_slope/scl_inter applied
         affine = np.asarray(image.affine, dtype=np.float64)
     except InputError:

@@ -21,10 +21,11 @@ import torch
 
 from ctrecon.operators._backend import resolve_device
 from ctrecon.core.errors import InputError
+from ctrecon.core.limits import check_memory
 from ctrecon.core.units import HU_SPAN, HU_MIN, MU_WATER, hu_to_unit
 from ctrecon.core.geometry import TWO_PI, ConeBeamGeometry, VolumeGeometry
 
-__all__ = ["resample_volume", "add_noise", "simulate_scan"]
+__all__ = ["resample_volume", "resampled_grid", "add_noise", "simulate_scan"]
 
 def resample_volume(volume, spacing, *, shape=None, spacing_out=None) -> tuple:
     """Trilinear resampling of ``volume`` ``[Z, Y, X]`` to ``shape`` (Z, Y, X) or to ``spacing_out`` mm.
@@ -37,16 +38,7 @@ def resample_volume(volume, spacing, *, shape=None, spacing_out=None) -> tuple:
     """
     data = np.asarray(volume, dtype=np.float32)
     spacing = _positive_triple(spacing, "spacing")
-    if shape is not None and spacing_out is not None:
-        raise InputError("give either a shape or an output spacing, not both")
-    if shape is not None:
-        new_shape = _shape_triple(shape)
-    elif spacing_out is not None:
-        target = _positive_triple(spacing_out, "output spacing")
-        new_shape = tuple(max(1, int(round(n * d / t))) for n, d, t in zip(data.shape, spacing, target))
-    else:
-        return data, spacing
-    new_spacing = tuple(d * n / m for n, d, m in zip(data.shape, spacing, new_shape))
+    new_shape, new_spacing = resampled_grid(data.shape, spacing, shape=shape, spacing_out=spacing_out)
     if new_shape == data.shape:
         return data, new_spacing
     resampled = torch.nn.functional.interpolate(torch.from_numpy(np.ascontiguousarray(data))[None, None],
@@ -56,6 +48,21 @@ def resample_volume(volume, spacing, *, shape=None, spacing_out=None) -> tuple:
 
 #: The largest fraction of detector readings below one photon (clipped to 1) that a noisy scan may have.
 _MAX_STARVED_FRACTION = 0.5
+
+
+def resampled_grid(shape_in, spacing, *, shape=None, spacing_out=None) -> tuple:
+    """``(shape, spacing)`` that :func:`resample_volume` makes of a ``shape_in`` grid of ``spacing`` mm."""
+    spacing = _positive_triple(spacing, "spacing")
+    if shape is not None and spacing_out is not None:
+        raise InputError("give either a shape or an output spacing, not both")
+    if shape is not None:
+        new_shape = _shape_triple(shape)
+    elif spacing_out is not None:
+        target = _positive_triple(spacing_out, "output spacing")
+        new_shape = tuple(max(1, int(round(n * d / t))) for n, d, t in zip(shape_in, spacing, target))
+    else:
+        return tuple(shape_in), spacing
+    return new_shape, tuple(d * n / m for n, d, m in zip(shape_in, spacing, new_shape))
 
 
 def add_noise(projections, dose_i0: float, electronic_sigma: float = 0.0, seed: int = 0,
@@ -113,12 +120,18 @@ def simulate_scan(volume, spacing, n_views: int, *, arc: float = TWO_PI, dose_i0
     arc = float(arc)
     if not (0.0 < arc <= TWO_PI + 1e-9):
         raise InputError(f"the scan arc must be in (0°, 360°], got {math.degrees(arc):.1f}°")
-    ground_truth, new_spacing = resample_volume(unit, spacing, shape=shape, spacing_out=spacing_out)
+    new_shape, new_spacing = resampled_grid(unit.shape, spacing, shape=shape, spacing_out=spacing_out)
     try:
-        geometry = ConeBeamGeometry.covering(VolumeGeometry(ground_truth.shape, new_spacing), n_views=n_views,
+        geometry = ConeBeamGeometry.covering(VolumeGeometry(new_shape, new_spacing), n_views=n_views,
                                              arc=min(arc, TWO_PI), DSO=DSO, DSD=DSD)
     except ValueError as err:
         raise InputError(f"cannot build the scan geometry: {err}") from None
+    # float32: the resampled volume and its tensor; the projections, a float64 noise pass and the saved copy
+    check_memory(4 * 2 * math.prod(new_shape), f"a {'x'.join(map(str, new_shape))} voxel grid",
+                 "use a smaller --shape or a larger --spacing")
+    check_memory(4 * 4 * math.prod(geometry.projection_shape),
+                 f"{n_views} views of {geometry.nDetector[0]}x{geometry.nDetector[1]} pixels", "use fewer --views")
+    ground_truth, new_spacing = resample_volume(unit, spacing, shape=shape, spacing_out=spacing_out)
     device = resolve_device(device)
     if projector is None:
         from ctrecon.operators.projector import Projector as projector

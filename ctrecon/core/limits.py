@@ -1,0 +1,28 @@
+"""Memory estimates before allocation: work this machine cannot hold is refused at once, with its size and
+the option that makes it smaller, instead of running until the memory is gone.
+
+    check_memory(n_voxels * 4 * 3, "the simulated volume", "use a smaller --shape or a larger --spacing")
+"""
+from __future__ import annotations
+
+import os
+
+from ctrecon.core.errors import InputError
+
+__all__ = ["physical_memory", "check_memory"]
+
+
+def physical_memory() -> int:
+    """Bytes of physical memory of this machine (``CTRECON_MEMORY_BYTES`` overrides it)."""
+    override = os.environ.get("CTRECON_MEMORY_BYTES")
+    if override:
+        return int(float(override))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(n_bytes: float, what: str, remedy: str) -> None:
+    """InputError when ``n_bytes`` (an estimate of what ``what`` allocates) exceed the physical memory."""
+    available = physical_memory()
+    if n_bytes > available:
+        raise InputError(f"{what} needs about {n_bytes / 2 ** 30:.3g} GiB, more than this machine's "
+                         f"{available / 2 ** 30:.3g} GiB; {remedy}")
