@@ -119,7 +119,7 @@ def test_os_sart_follows_its_formula_on_the_explicit_matrix(explicit_system):
     A, matrix, b = explicit_system
     n_views, subsets, relaxation = A.n_views, 2, 1.5
     solver = OSSART(A, torch.from_numpy(b).reshape(A.projection_shape), subsets=subsets, relaxation=relaxation,
-                    relaxation_decay=0.9, seed=5)
+                    relaxation_decay=0.9, order="random", seed=5)
     rays = np.arange(b.size).reshape(n_views, -1)
     x = np.zeros(matrix.shape[1])
     order = torch.Generator().manual_seed(5)
@@ -140,11 +140,20 @@ def test_os_sart_follows_its_formula_on_the_explicit_matrix(explicit_system):
     assert solver.relaxation == pytest.approx(relaxation) and np.any(x == 0) and np.any(x > 0)
 
 
+def test_golden_order_spreads_consecutive_blocks_and_visits_each_once(full_scan):
+    A, _, b = full_scan
+    for subsets in (8, 13, 30):
+        order = OSSART(A, b, subsets=subsets)._golden.tolist()
+        assert sorted(order) == list(range(subsets))
+        gaps = [min(abs(a - c), subsets - abs(a - c)) for a, c in zip(order, order[1:])]
+        assert min(gaps) >= subsets // 5  # never a neighbouring block next (angles k::subsets are adjacent)
+
+
 def test_sart_is_deterministic_for_a_seed_and_caching_does_not_matter(full_scan):
     A, x_true, b = full_scan
 
     def run(**settings):
-        solver = OSSART(A, b, subsets=8, **settings)
+        solver = OSSART(A, b, subsets=8, order="random", **settings)
         solver.run(2)
         return solver
 

@@ -36,8 +36,8 @@ __all__ = ["METHODS", "SOLVER_OPTIONS", "DEFAULT_ITERATIONS", "SolverSettings", 
 #: The classical methods; "fdk" is the filtered backprojection alone (no iterations).
 METHODS = ("sart", "os-sart", "cgls", "fista-tv", "fdk")
 #: The settings of :class:`SolverSettings` that each method takes (the others must keep their defaults).
-SOLVER_OPTIONS = {"sart": ("relaxation", "relaxation_decay", "nonnegative"),
-                  "os-sart": ("subsets", "relaxation", "relaxation_decay", "nonnegative"),
+SOLVER_OPTIONS = {"sart": ("relaxation", "relaxation_decay", "nonnegative", "order"),
+                  "os-sart": ("subsets", "relaxation", "relaxation_decay", "nonnegative", "order"),
                   "cgls": (), "fista-tv": ("tv_weight", "tv_iterations", "nonnegative"), "fdk": ()}
 #: The methods that draw random numbers (SART's block order, FISTA's power-iteration start) from the run's seed.
 _SEEDED = ("sart", "os-sart", "fista-tv")
@@ -58,6 +58,7 @@ class SolverSettings:
     relaxation: float = 1.0
     relaxation_decay: float = 0.99        # relaxation × this after every pass
     nonnegative: bool = True
+    order: str = "golden"                 # sart / os-sart block order: "golden" or "random" (seeded)
     tv_weight: float = DEFAULT_TV_WEIGHT
     tv_iterations: int = 20
 
@@ -86,7 +87,8 @@ class ClassicalConfig:
         if solver.name not in METHODS:
             raise InputError(f"unknown method {solver.name!r} (use 3dgr or {', '.join(METHODS)})")
         defaults = SolverSettings()
-        for name in ("subsets", "relaxation", "relaxation_decay", "nonnegative", "tv_weight", "tv_iterations"):
+        for name in ("subsets", "relaxation", "relaxation_decay", "nonnegative", "order", "tv_weight",
+                     "tv_iterations"):
             if name not in SOLVER_OPTIONS[solver.name] and getattr(solver, name) != getattr(defaults, name):
                 raise InputError(f"{name} does not apply to {solver.name} (it takes "
                                  f"{', '.join(SOLVER_OPTIONS[solver.name]) or 'no settings'})")
