@@ -189,6 +189,8 @@ def paired_tests(runs: Sequence[RunRecord]) -> list:
             for views in view_counts:
                 cases = sorted(case for (case, v), per_arm in values.items() if v == views
                                and per_arm.get(arm_a) is not None and per_arm.get(arm_b) is not None)
+                if not cases:  # the two arms never ran on one case at this view count
+                    continue
                 a = [values[(case, views)][arm_a] for case in cases]
                 b = [values[(case, views)][arm_b] for case in cases]
                 test = {"quantity": quantity, "label": label, "arm_a": arm_a, "arm_b": arm_b, "views": views,
