@@ -206,7 +206,7 @@ def fdk(scan, filter_name, out, device, seed):
 
     from ctrecon import __version__
     from ctrecon.operators.fdk import fdk as reconstruct_fdk
-    from ctrecon.core.io import load_scan, save_volume, write_json
+    from ctrecon.core.io import atomic_outputs, load_scan, save_volume, write_json
     from ctrecon.pipeline.metrics import psnr, ssim3d, ssim_slice
 
     out = _checked_output(out, (".nii.gz", ".nii"), "NIfTI")
@@ -239,8 +239,9 @@ def fdk(scan, filter_name, out, device, seed):
                "ssim_slice_3dgrct: mean of axial 2-D SSIM, 7x7 uniform window",
                "version": __version__}
     _create_parent(out)
-    save_volume(out, volume, geometry.dVoxel, origin=origin)
-    write_json(json_path, summary)
+    with atomic_outputs(out, json_path) as (volume_file, json_file):  # both or neither
+        save_volume(volume_file, volume, geometry.dVoxel, origin=origin)
+        write_json(json_file, summary)
     click.echo(f"FDK ({filter_name}) of {geometry.n_angles} views{' (short scan, Parker weights)' if geometry.is_short_scan() else ''}"
                f" -> {_shape_text(geometry.nVoxel)} voxels at {_shape_text(geometry.dVoxel, '.3g')} mm in {seconds:.2f} s on {device}")
     if metrics is not None:

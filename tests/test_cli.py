@@ -281,3 +281,21 @@ def test_debug_variable_shows_the_traceback_of_an_unexpected_error(monkeypatch, 
     monkeypatch.setenv("CTRECON_DEBUG", "1")
     with pytest.raises(RuntimeError, match="kernel failed"):
         run_cli(["report", tmp_path, "--out", tmp_path / "report"])
+
+
+def test_fdk_writes_its_volume_and_json_together(phantom_hu, tmp_path, monkeypatch):
+    import ctrecon.core.io as io_module
+
+    scan = tmp_path / "scan.npz"
+    assert run_cli(["simulate", phantom_hu, "--views", 8, "--out", scan])[0] == 0
+    out = tmp_path / "fdk.nii.gz"
+    assert run_cli(["fdk", scan, "--out", out])[0] == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io_module, "write_json", full_disk)  # the volume is written first
+    code, _, err = run_cli(["fdk", scan, "--filter", "hann", "--out", out])
+    assert code == 1 and "No space left on device" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # fdk.nii.gz not replaced alone

@@ -231,3 +231,20 @@ def test_run_folder_written_is_read_back(tmp_path):
     np.testing.assert_allclose(run.volume(), result.volume.numpy(), rtol=1e-6, atol=1e-7)
     config_json = json.loads((out / "config.json").read_text())
     assert config_json["config"] == json.loads(json.dumps(result.config.to_dict())) and config_json["scan"] == "/scans/phantom.npz"
+
+
+def test_a_failed_report_leaves_the_earlier_one_whole(synthetic_runs, tmp_path, monkeypatch):
+    import ctrecon.pipeline.report as report_module
+
+    paths = [p for p, _ in synthetic_runs.values()]
+    out = tmp_path / "report"
+    build_report(paths, str(out))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report_module, "plot_group_curves", full_disk)  # after report.md and table.csv
+    with pytest.raises(OSError):
+        build_report(paths[:4], str(out))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new table beside old curves

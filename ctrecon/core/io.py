@@ -37,7 +37,7 @@ from ctrecon.core.limits import check_memory
 from ctrecon.core.geometry import ConeBeamGeometry
 
 __all__ = ["VolumeData", "read_volume", "load_volume", "save_volume", "Scan", "load_scan", "save_scan",
-           "atomic_output", "atomic_folder", "writable_folder", "write_json"]
+           "atomic_output", "atomic_outputs", "atomic_folder", "writable_folder", "write_json"]
 
 # Array axis 0 -> world z, 1 -> world y, 2 -> world x, each increasing along +LPS (nibabel ornt form).
 _ZYX_LPS_ORNT = np.array([[2, 1], [1, 1], [0, 1]])
@@ -78,6 +78,14 @@ def atomic_output(path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_outputs(*paths) -> Iterator[tuple]:
+    """:func:`atomic_output` for several files written as one result: temporaries for every path; none
+    replaces its target unless all writers finished (then they are renamed in, one after the other)."""
+    with contextlib.ExitStack() as stack:
+        yield tuple(stack.enter_context(atomic_output(path)) for path in paths)
 
 
 def writable_folder(path, replaceable=None) -> Path:

@@ -291,9 +291,9 @@ def _stops_markdown(runs: Sequence[RunRecord]) -> str:
 
 def build_report(run_dirs: Iterable[str], out_dir: str) -> dict:
     """Compare runs; writes ``report.md``, ``table.csv``, ``curves.png``, ``curves_seconds.png`` and ``stats.json``
-    into ``out_dir``. Returns the content of ``stats.json`` (undefined statistics as None) plus ``markdown_table``.
+    into ``out_dir``, all or none (an earlier report there stays whole if a writer fails). Returns the content of ``stats.json`` (undefined statistics as None) plus ``markdown_table``.
     """
-    from ctrecon.core.io import atomic_output, write_json
+    from ctrecon.core.io import atomic_outputs, write_json
 
     run_dirs = list(run_dirs)
     if not run_dirs:
@@ -329,18 +329,17 @@ def build_report(run_dirs: Iterable[str], out_dir: str) -> dict:
     markdown = "\n\n".join(["# Convergence report", table, "## Where each run stopped", _stops_markdown(runs),
                             "## Paired tests", _tests_markdown(tests),
                             "## Notes", "\n".join(f"- {n}" for n in notes)]) + "\n"
-    with atomic_output(os.path.join(out_dir, "report.md")) as tmp:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(markdown)
-    with atomic_output(os.path.join(out_dir, "table.csv")) as tmp:
-        with open(tmp, "w", encoding="utf-8", newline="") as handle:
-            handle.write(_csv_text(rows))
     histories = {key: [r.metrics["history"] for r in members] for key, members in _groups(runs).items()}
     lines = {"psnr": runs[0].metrics.get("psnr_threshold", 35.0)}
     lines["ssim_slice"] = lines["ssim3d"] = runs[0].metrics.get("ssim_threshold", 0.90)
-    plot_group_curves(histories, os.path.join(out_dir, "curves.png"), thresholds=lines)
-    plot_group_curves(histories, os.path.join(out_dir, "curves_seconds.png"), x_key="seconds", thresholds=lines)
+    names = ("report.md", "table.csv", "curves.png", "curves_seconds.png", "stats.json")
+    with atomic_outputs(*(os.path.join(out_dir, name) for name in names)) as (md, table_csv, curves, seconds, stats):
+        md.write_text(markdown, encoding="utf-8")
+        with open(table_csv, "w", encoding="utf-8", newline="") as handle:
+            handle.write(_csv_text(rows))
+        plot_group_curves(histories, str(curves), thresholds=lines)
+        plot_group_curves(histories, str(seconds), x_key="seconds", thresholds=lines)
+        write_json(stats, stats_out)  # NaN (undefined statistics) becomes null
     stats_path = os.path.join(out_dir, "stats.json")
-    write_json(stats_path, stats_out)  # NaN (undefined statistics) becomes null
     with open(stats_path, encoding="utf-8") as handle:
         return {**json.load(handle), "markdown_table": table}
