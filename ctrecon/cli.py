@@ -490,7 +490,9 @@ def reconstruct(scan_path, method, init, init_gaussians, prior, init_options, it
 
     check_run_folder(out)
     if method is None:
-        method = _config_file(config_path).get("solver", {}).get("name", "3dgr") if config_path else "3dgr"
+        from ctrecon.pipeline.classical import classical_method
+
+        method = classical_method(_config_file(config_path)) or "3dgr"
     given = {"--init-gaussians": init_gaussians, "--prior": prior, "--init-option": init_options or None,
              "--views-per-iter": views_per_iter, "--n-gaussians": n_gaussians, "--max-gaussians": max_gaussians,
              "--loss": loss, "--dssim": dssim, "--tv": tv, "--coarse-iters": coarse_iters, "--optimizer": optimizer,
@@ -509,7 +511,7 @@ def reconstruct(scan_path, method, init, init_gaussians, prior, init_options, it
                                                     "loss": loss, "lambda_dssim": dssim, "lambda_tv": tv,
                                                     "coarse_iterations": coarse_iters}, device, seed)
     else:
-        run, config, label, record = _classical_run(method, init or "zeros", iters, stop_at_thresholds, config_path,
+        run, config, label, record = _classical_run(method, init, iters, stop_at_thresholds, config_path,
                                                     {**common, "subsets": subsets, "relaxation": relaxation,
                                                      "tv_weight": tv_weight}, device, seed)
     scan = load_scan(scan_path)
@@ -599,25 +601,27 @@ def _gaussian_run(init, init_gaussians, prior, init_options, iters, stop_at_thre
 
 
 def _classical_run(method, start, iters, stop_at_thresholds, config_path, overrides: dict, device, seed: int) -> tuple:
-    """``(run(scan, callback) -> result, config, label, write_run extras)`` of a classical ``--method``."""
-    from ctrecon.pipeline.classical import ClassicalConfig, reconstruct_classical
+    """``(run(scan, callback) -> result, config, label, write_run extras)`` of a classical ``--method``; ``start``
+    (--init) None keeps the --config file's (zeros without one)."""
+    from ctrecon.pipeline.classical import ClassicalConfig, classical_method, reconstruct_classical
 
     if iters == "auto":
         raise InputError(f"--iters auto is for --method 3dgr; give {method} a number of iterations")
-    settings = dict(_config_file(config_path))
-    if config_path is not None and "solver" not in settings:
+    settings = _config_file(config_path)
+    if config_path is not None and classical_method(settings) is None:
         raise InputError(f"--config {config_path} holds 3dgr settings, not those of a classical method")
-    solver = {**settings.get("solver", {}), "name": method, "start": start}
-    solver.update({k: v for k, v in {"iterations": iters, **overrides}.items()
-                   if v is not None and k not in ("eval_every", "stop_at_psnr")})
-    evaluation = {**settings.get("evaluation", {"eval_every": 1}),
-                  **({"eval_every": overrides["eval_every"]} if overrides["eval_every"] is not None else {})}
-    stopping = dict(settings.get("stopping", {}))
+    # the file's settings in sections (it may be flat), then the options that were given
+    sections = (ClassicalConfig.from_dict(settings) if config_path is not None else ClassicalConfig()).to_dict()
+    solver = {"start": start, "iterations": iters, **overrides}
+    sections["solver"].update(name=method, **{k: v for k, v in solver.items()
+                                              if v is not None and k not in ("eval_every", "stop_at_psnr")})
+    if overrides["eval_every"] is not None:
+        sections["evaluation"]["eval_every"] = overrides["eval_every"]
     if overrides["stop_at_psnr"] is not None:
-        stopping["stop_at_psnr"] = overrides["stop_at_psnr"]
+        sections["stopping"]["stop_at_psnr"] = overrides["stop_at_psnr"]
     if stop_at_thresholds:
-        stopping["stop_at_thresholds"] = True
-    config = ClassicalConfig.from_dict({"solver": solver, "evaluation": evaluation, "stopping": stopping})
+        sections["stopping"]["stop_at_thresholds"] = True
+    config = ClassicalConfig.from_dict(sections)
 
     def run(scan, callback):
         return reconstruct_classical(scan, config=config, device=device, seed=seed, callback=callback)

@@ -102,6 +102,12 @@ def test_cli_method_writes_a_run_the_report_reads(scan_file, tmp_path):
     code, _, err = run_cli(["reconstruct", scan_file, "--config", out / "config.json", "--out", again])
     assert code == 0, err
     assert json.loads((again / "metrics.json").read_text())["method"] == "os-sart"
+    flat = tmp_path / "flat.json"  # the flat form names the method as "solver"; the file's start is kept
+    flat.write_text(json.dumps({"solver": "cgls", "iterations": 2, "start": "fdk"}))
+    code, _, err = run_cli(["reconstruct", scan_file, "--config", flat, "--out", tmp_path / "flat_run"])
+    assert code == 0, err
+    flat_metrics = json.loads((tmp_path / "flat_run" / "metrics.json").read_text())
+    assert (flat_metrics["method"], flat_metrics["init"], flat_metrics["iterations"]) == ("cgls", "fdk", 2)
     gaussians = tmp_path / "3dgr"
     code, _, err = run_cli(["reconstruct", scan_file, "--iters", 4, "--n-gaussians", 300, "--max-gaussians", 600,
                             "--eval-every", 2, "--out", gaussians])

@@ -27,11 +27,11 @@ import torch
 from ctrecon.core.errors import InputError
 from ctrecon.methods.classical import DEFAULT_TV_WEIGHT
 from ctrecon.pipeline.reconstruct import (EvaluationSettings, NonFiniteLossError, Progress, ReconstructResult,
-                                          StoppingSettings, SSIM_METRICS)
+                                          StoppingSettings, finite_number, validate_evaluation)
 from ctrecon.pipeline.tracking import RunMonitor
 
 __all__ = ["METHODS", "SOLVER_OPTIONS", "DEFAULT_ITERATIONS", "SolverSettings", "ClassicalConfig",
-           "reconstruct_classical"]
+           "classical_method", "reconstruct_classical"]
 
 #: The classical methods; "fdk" is the filtered backprojection alone (no iterations).
 METHODS = ("sart", "os-sart", "cgls", "fista-tv", "fdk")
@@ -93,15 +93,14 @@ class ClassicalConfig:
                 raise InputError(f"{name} does not apply to {solver.name} (it takes "
                                  f"{', '.join(SOLVER_OPTIONS[solver.name]) or 'no settings'})")
         for name in ("relaxation", "relaxation_decay", "tv_weight"):
-            if not _finite(getattr(solver, name)):
+            if not finite_number(getattr(solver, name)):
                 raise InputError(f"{name} must be a finite number, got {getattr(solver, name)!r}")
         for name in ("subsets", "tv_iterations"):
             value = getattr(solver, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
                 raise InputError(f"{name} must be an integer, got {value!r}")
-        for section, name in ((solver, "nonnegative"), (self.stopping, "stop_at_thresholds")):
-            if not isinstance(getattr(section, name), bool):
-                raise InputError(f"{name} must be true or false, got {getattr(section, name)!r}")
+        if not isinstance(solver.nonnegative, bool):
+            raise InputError(f"nonnegative must be true or false, got {solver.nonnegative!r}")
         iterations = solver.iterations
         if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer))
                                        or iterations < (0 if solver.name == "fdk" else 1)):
@@ -112,17 +111,7 @@ class ClassicalConfig:
             raise InputError(f"start must be {' or '.join(STARTS)}, got {solver.start!r}")
         if solver.name == "fdk" and solver.start != "zeros":
             raise InputError("fdk has no start")
-        evaluation = self.evaluation
-        if isinstance(evaluation.eval_every, bool) or not isinstance(evaluation.eval_every, (int, np.integer)) \
-                or evaluation.eval_every < 1:
-            raise InputError(f"eval_every must be a positive integer, got {evaluation.eval_every!r}")
-        if evaluation.ssim_threshold_metric not in SSIM_METRICS:
-            raise InputError(f"ssim_threshold_metric must be one of {', '.join(SSIM_METRICS)}")
-        for name in ("psnr_threshold", "ssim_threshold"):
-            if not _finite(getattr(evaluation, name)):
-                raise InputError(f"{name} must be a finite number")
-        if self.stopping.stop_at_psnr is not None and not _finite(self.stopping.stop_at_psnr):
-            raise InputError(f"stop_at_psnr must be a finite number or None, got {self.stopping.stop_at_psnr!r}")
+        validate_evaluation(self.evaluation, self.stopping)
         return self
 
     def to_dict(self) -> dict:
@@ -156,9 +145,13 @@ class ClassicalConfig:
                    StoppingSettings(**values["stopping"])).validate()
 
 
-def _finite(value) -> bool:
-    return isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool) \
-        and math.isfinite(float(value))
+def classical_method(settings: dict):
+    """The classical method that settings in a form :meth:`ClassicalConfig.from_dict` reads name (``"solver"``: a
+    method's name, or a section with its ``name``), or None when they name none (e.g. 3DGR-CT's settings)."""
+    solver = settings.get("solver")
+    if isinstance(solver, dict):
+        solver = solver.get("name")
+    return solver if isinstance(solver, str) else None
 
 
 def reconstruct_classical(scan, *, config: ClassicalConfig | None = None, device="cpu", seed: int = 0,

@@ -41,7 +41,6 @@ _SLICE_WINDOW = 7
 # Output voxels per chunk of the SSIM map: bounds the memory of the five filtered fields.
 _CHUNK_VOXELS = 1 << 22
 
-DEFAULT_THRESHOLDS = (("psnr35", "psnr", 35.0), ("ssim90", "ssim_slice", 0.90))
 #: What :func:`evaluate` returns, in this order.
 QUALITY_METRICS = ("psnr", "ssim3d", "ssim_slice", "ssim_slice_3dgr_code")
 #: Data range of the slice SSIM as 3DGR-CT's code computes it (see the module docstring).
@@ -67,6 +66,10 @@ def quality_thresholds(psnr_value: float, ssim_value: float, ssim_metric: str = 
     """The two ``(name, metric, value)`` thresholds of a run for :class:`ConvergenceTracker`, named by value."""
     return ((threshold_key("psnr", psnr_value), "psnr", float(psnr_value)),
             (threshold_key("ssim", ssim_value), ssim_metric, float(ssim_value)))
+
+
+#: PSNR 35 dB and slice SSIM 0.90, the paper's thresholds: ``(("psnr35", "psnr", 35.0), ("ssim90", "ssim_slice", 0.9))``.
+DEFAULT_THRESHOLDS = quality_thresholds(35.0, 0.90)
 
 
 def _as_pair(x, ref, *, ndim: int | None = None) -> tuple:

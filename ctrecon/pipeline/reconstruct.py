@@ -102,7 +102,7 @@ from ctrecon.pipeline.tracking import TIMING_PHASES, RunMonitor
 __all__ = ["ReconstructConfig", "GaussianSettings", "ScheduleSettings", "OptimizerSettings", "DensitySettings",
            "EvaluationSettings", "StoppingSettings", "SECTIONS", "Trainer", "ReconstructResult", "Progress",
            "NonFiniteLossError", "reconstruct", "learning_rates", "residual_converged", "coarse_lattice", "LOSSES",
-           "DENSITY_STRATEGIES", "TIMING_PHASES"]
+           "DENSITY_STRATEGIES", "TIMING_PHASES", "validate_evaluation", "finite_number"]
 
 LOSSES = ("mse", "l1")
 DENSITY_STRATEGIES = ("3dgr", "additive")  # gaussians.QuantileSplitCloneStrategy, AdditiveDensityStrategy
@@ -244,8 +244,9 @@ class ReconstructConfig:
     def validate(self) -> "ReconstructConfig":
         """InputError naming the first bad field."""
         values = {name: getattr(getattr(self, section), name) for name, section in _SECTION_OF.items()}
+        validate_evaluation(self.evaluation, self.stopping)
         positive_ints = ("iterations", "n_gaussians", "lr_decay_steps", "densify_every", "max_gaussians",
-                         "eval_every", "max_iterations", "residual_window")
+                         "max_iterations", "residual_window")
         for name in positive_ints:
             value = values[name]
             if (name, value) in (("iterations", "auto"), ("lr_decay_steps", None), ("densify_every", None)):
@@ -263,15 +264,15 @@ class ReconstructConfig:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
                 raise InputError(f"{name} must be a non-negative integer, got {value!r}")
         for name in ("position_lr_init", "position_lr_final", "k_sigma", "min_scale_voxels"):
-            if not _finite(values[name]) or values[name] <= 0:
+            if not finite_number(values[name]) or values[name] <= 0:
                 raise InputError(f"{name} must be a positive number, got {values[name]!r}")
         for name in ("intensity_lr", "scale_lr", "rotation_lr", "lambda_dssim", "lambda_tv", "prune_min_intensity",
                      "densify_grad_threshold"):
-            if not _finite(values[name]) or values[name] < 0:
+            if not finite_number(values[name]) or values[name] < 0:
                 raise InputError(f"{name} must be a non-negative number, got {values[name]!r}")
         for name in ("intensity_lr_final", "scale_lr_final", "rotation_lr_final"):
             value = values[name]
-            if value is not None and (not _finite(value) or value <= 0 or values[name[:-6]] <= 0):
+            if value is not None and (not finite_number(value) or value <= 0 or values[name[:-6]] <= 0):
                 raise InputError(f"{name} must be None or a positive number (with a positive {name[:-6]}), "
                                  f"got {value!r}")
         init_options = values["init_options"]
@@ -286,22 +287,15 @@ class ReconstructConfig:
         if values["strategy"] not in (None, "none", *DENSITY_STRATEGIES):
             raise InputError(f"unknown density strategy {values['strategy']!r} "
                              f"(use {', '.join(DENSITY_STRATEGIES)} or none)")
-        if values["ssim_threshold_metric"] not in SSIM_METRICS:
-            raise InputError(f"ssim_threshold_metric must be one of {', '.join(SSIM_METRICS)}")
-        if not _finite(values["densify_grad_quantile"]) or not 0.0 < values["densify_grad_quantile"] < 1.0:
+        if not finite_number(values["densify_grad_quantile"]) or not 0.0 < values["densify_grad_quantile"] < 1.0:
             raise InputError(f"densify_grad_quantile must be in (0, 1), got {values['densify_grad_quantile']}")
-        if not _finite(values["split_offset"]) or not 0.0 < values["split_offset"] < 1.0:
+        if not finite_number(values["split_offset"]) or not 0.0 < values["split_offset"] < 1.0:
             raise InputError(f"split_offset must be in (0, 1), got {values['split_offset']!r}")
         if values["max_gaussians"] < values["n_gaussians"]:
             raise InputError(f"max_gaussians ({values['max_gaussians']}) must be >= n_gaussians "
                              f"({values['n_gaussians']})")
-        for name in ("psnr_threshold", "ssim_threshold"):
-            if not _finite(values[name]):
-                raise InputError(f"{name} must be a finite number")
-        if not _finite(values["residual_tolerance"]) or not 0 <= values["residual_tolerance"] < 1:
+        if not finite_number(values["residual_tolerance"]) or not 0 <= values["residual_tolerance"] < 1:
             raise InputError(f"residual_tolerance must be a number in [0, 1), got {values['residual_tolerance']!r}")
-        if values["stop_at_psnr"] is not None and not _finite(values["stop_at_psnr"]):
-            raise InputError(f"stop_at_psnr must be a finite number or None, got {values['stop_at_psnr']!r}")
         return self
 
     @property
@@ -367,7 +361,25 @@ class ReconstructConfig:
         return flat
 
 
-def _finite(value) -> bool:
+def validate_evaluation(evaluation: EvaluationSettings, stopping: StoppingSettings) -> None:
+    """InputError naming the first bad field of the evaluation settings and the ground-truth stops (shared by
+    3DGR-CT's and the classical methods' settings)."""
+    every = evaluation.eval_every
+    if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+        raise InputError(f"eval_every must be a positive integer, got {every!r}")
+    if evaluation.ssim_threshold_metric not in SSIM_METRICS:
+        raise InputError(f"ssim_threshold_metric must be one of {', '.join(SSIM_METRICS)}")
+    for name in ("psnr_threshold", "ssim_threshold"):
+        if not finite_number(getattr(evaluation, name)):
+            raise InputError(f"{name} must be a finite number")
+    if stopping.stop_at_psnr is not None and not finite_number(stopping.stop_at_psnr):
+        raise InputError(f"stop_at_psnr must be a finite number or None, got {stopping.stop_at_psnr!r}")
+    if not isinstance(stopping.stop_at_thresholds, bool):
+        raise InputError(f"stop_at_thresholds must be true or false, got {stopping.stop_at_thresholds!r}")
+
+
+def finite_number(value) -> bool:
+    """A finite int or float (not a bool, not a string)."""
     return isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool) \
         and math.isfinite(float(value))
 

@@ -46,10 +46,6 @@ def resample_volume(volume, spacing, *, shape=None, spacing_out=None) -> tuple:
     return resampled[0, 0].numpy(), new_spacing
 
 
-#: The largest fraction of detector readings below one photon (clipped to 1) that a noisy scan may have.
-_MAX_STARVED_FRACTION = 0.5
-
-
 def resampled_grid(shape_in, spacing, *, shape=None, spacing_out=None) -> tuple:
     """``(shape, spacing)`` that :func:`resample_volume` makes of a ``shape_in`` grid of ``spacing`` mm."""
     spacing = _positive_triple(spacing, "spacing")
@@ -63,6 +59,10 @@ def resampled_grid(shape_in, spacing, *, shape=None, spacing_out=None) -> tuple:
     else:
         return tuple(shape_in), spacing
     return new_shape, tuple(d * n / m for n, d, m in zip(shape_in, spacing, new_shape))
+
+
+#: The largest fraction of detector readings below one photon (clipped to 1) that a noisy scan may have.
+_MAX_STARVED_FRACTION = 0.5
 
 
 def add_noise(projections, dose_i0: float, electronic_sigma: float = 0.0, seed: int = 0,
