@@ -457,6 +457,10 @@ def _prior_initializers(inits, prior) -> tuple:
 @click.option("--tv-weight", type=float, default=None,
               help="fista-tv: weight of the 3-D TV term (scale-free, see ctrecon.methods.classical) [default: "
                    "3e-4, chosen on development CT].")
+@click.option("--validation-views", type=click.IntRange(min=0), default=None,
+              help="3dgr: leave this many views (spread over the scan) out of FDK and fit, stop once their loss "
+                   "has stopped falling and return the state of its lowest (no ground truth needed; stops the fit "
+                   "of noise) [default: 0, off].")
 @click.option("--stop-at-psnr", type=float, default=None, help="Stop once PSNR reaches this (dB).")
 @click.option("--stop-at-thresholds", is_flag=True, help="Stop once PSNR 35 dB and SSIM 0.90 are both reached.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
@@ -466,7 +470,7 @@ def _prior_initializers(inits, prior) -> tuple:
 @common_options
 def reconstruct(scan_path, method, init, init_gaussians, prior, init_options, iters, views_per_iter, eval_every,
                 n_gaussians, max_gaussians, loss, dssim, tv, coarse_iters, optimizer, no_densify, subsets, relaxation,
-                tv_weight, stop_at_psnr, stop_at_thresholds, config_path, case, out, device, seed):
+                tv_weight, validation_views, stop_at_psnr, stop_at_thresholds, config_path, case, out, device, seed):
     """Reconstruct SCAN (a scan .npz): 3DGR-CT (Gaussians) or a classical method.
 
     Writes OUT/volume.nii.gz (unit attenuation, as `ctrecon fdk`), OUT/gaussians.npz (3dgr only), OUT/config.json,
@@ -496,7 +500,7 @@ def reconstruct(scan_path, method, init, init_gaussians, prior, init_options, it
     given = {"--init-gaussians": init_gaussians, "--prior": prior, "--init-option": init_options or None,
              "--views-per-iter": views_per_iter, "--n-gaussians": n_gaussians, "--max-gaussians": max_gaussians,
              "--loss": loss, "--dssim": dssim, "--tv": tv, "--coarse-iters": coarse_iters, "--optimizer": optimizer,
-             "--no-densify": no_densify or None} if method != "3dgr" else \
+             "--no-densify": no_densify or None, "--validation-views": validation_views} if method != "3dgr" else \
         {"--subsets": subsets, "--relaxation": relaxation, "--tv-weight": tv_weight}
     misplaced = [name for name, value in given.items() if value is not None]
     if misplaced:
@@ -509,7 +513,8 @@ def reconstruct(scan_path, method, init, init_gaussians, prior, init_options, it
                                                    {**common, "views_per_iter": views_per_iter,
                                                     "n_gaussians": n_gaussians, "max_gaussians": max_gaussians,
                                                     "loss": loss, "lambda_dssim": dssim, "lambda_tv": tv,
-                                                    "coarse_iterations": coarse_iters}, device, seed)
+                                                    "coarse_iterations": coarse_iters,
+                                                    "validation_views": validation_views}, device, seed)
     else:
         run, config, label, record = _classical_run(method, init, iters, stop_at_thresholds, config_path,
                                                     {**common, "subsets": subsets, "relaxation": relaxation,
@@ -547,6 +552,11 @@ def reconstruct(scan_path, method, init, init_gaussians, prior, init_options, it
     summary = [f"{label}: {result.iterations} iterations in {result.wall_seconds:.1f} s "
                f"(+{result.eval_seconds:.1f} s evaluation)"
                + (f", {result.n_gaussians} Gaussians" if result.n_gaussians is not None else "")]
+    if result.stop_reason not in ("completed", "interrupted"):
+        run_steps = result.to_metrics()["iterations_run"]
+        summary.append(f"stopped: {result.stop_reason}" + (f" (at iteration {run_steps}; the state returned is that of "
+                                                           f"iteration {result.iterations})"
+                                                           if run_steps != result.iterations else ""))
     if final:
         summary.append(f"final PSNR {final['psnr']:.2f} dB, SSIM {final['ssim_slice']:.4f} (axial slices), "
                        f"{final['ssim3d']:.4f} (3-D)")

@@ -47,6 +47,10 @@ def parse_args(argv=None):
     parser.add_argument("--dose", type=float, default=None, help="incident photons per pixel (Poisson noise)")
     parser.add_argument("--inits", default="fbp,medgmae,medgmae-star")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                        help="an extra arm (repeatable): settings over the library's defaults of their method "
+                             "(\"method\" in JSON, default preconditioned), e.g. "
+                             "'val8={\"validation_views\": 8}'")
     parser.add_argument("--iters", type=int, default=None,
                         help="iterations of every run [default: each optimiser's own: 'auto' (the residual rule, "
                              "at most 3000) for preconditioned, --iters-3dgr for 3dgr]")
@@ -68,6 +72,16 @@ def parse_args(argv=None):
     unknown = set(args.optimizers) - set(OPTIMIZERS)
     if unknown:
         parser.error(f"unknown optimizer(s) {', '.join(sorted(unknown))}; choose from {', '.join(OPTIMIZERS)}")
+    args.arms = {name: {"method": name} for name in args.optimizers}
+    for item in args.variant:
+        name, sep, text = item.partition("=")
+        try:
+            settings = json.loads(text)
+        except json.JSONDecodeError as err:
+            parser.error(f"--variant {name}: not JSON ({err})")
+        if not sep or not name or name in args.arms or not isinstance(settings, dict):
+            parser.error(f"--variant must be a new NAME=JSON object, got {item!r}")
+        args.arms[name] = {"method": "preconditioned", **settings}
     return args
 
 
@@ -105,18 +119,21 @@ def run_one(job: dict) -> dict:
     from ctrecon.pipeline.reconstruct import ReconstructConfig, reconstruct
 
     scan = make_scan(job["path"], job["spacing"], job["crop"], job["views"], job["dose"], job["seed"])
-    settings = {"method": job["optimizer"], "n_gaussians": job["n_gaussians"], "eval_every": job["eval_every"],
+    settings = {"n_gaussians": job["n_gaussians"], "eval_every": job["eval_every"],
                 "stop_at_thresholds": job["stop_at_thresholds"]}
-    if job["optimizer"] == "3dgr":
+    if job["settings"]["method"] == "3dgr":
         settings.update(views_per_iter=job["views_per_iter_3dgr"], strategy=None, iterations=job["iters_3dgr"])
     if job["iters"] is not None:
         settings["iterations"] = job["iters"]
+    settings.update(job["settings"])
     config = ReconstructConfig.from_dict(settings)
     losses = []
     started = time.perf_counter()
     result = reconstruct(scan, init=job["init"], config=config, device="cpu", seed=job["seed"],
                          callback=lambda p: losses.append(p.loss) if p.loss is not None else None)
     history = result.history
+    psnrs = [(h["iteration"], h["psnr"]) for h in history]
+    peak = max(psnrs, key=lambda item: item[1])
     stop = (result.iterations if result.stop_reason == "data residual converged"
             else auto_stop(losses, ReconstructConfig.from_dict({"method": "preconditioned"})))
     at_stop = max((h for h in history if stop is not None and h["iteration"] <= stop), key=lambda h: h["iteration"],
@@ -124,13 +141,21 @@ def run_one(job: dict) -> dict:
     return {**{k: job[k] for k in ("case", "optimizer", "init")},
             "fdk_psnr": psnr(fdk(scan.projections, scan.geometry), torch.as_tensor(scan.ground_truth)),
             "start_psnr": history[0]["psnr"], "iterations": result.iterations, "final": result.final,
-            "thresholds": result.thresholds, "seconds_per_iteration": result.wall_seconds / max(result.iterations, 1),
+            "thresholds": result.thresholds, "seconds_per_iteration": result.to_metrics()["seconds_per_iteration"],
+            "iterations_run": result.to_metrics()["iterations_run"],
             "init_seconds": result.init_seconds, "n_gaussians": [history[0]["n_gaussians"], result.n_gaussians],
-            "stop_reason": result.stop_reason, "auto_stop": stop, "auto_stop_psnr": at_stop["psnr"] if at_stop else None,
+            "stop_reason": result.stop_reason, "auto_stop": stop, "peak": peak, "max_dip_after_100": max_dip(psnrs, 100),
+            "validation": result.validation, "auto_stop_psnr": at_stop["psnr"] if at_stop else None,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "wall_seconds": time.perf_counter() - started, "config": config.to_dict(),
             "history": [[h["iteration"], round(h["seconds"], 2), round(h["psnr"], 3), round(h["ssim_slice"], 4)]
                         for h in history]}
+
+
+def max_dip(psnrs: list, after: int) -> float:
+    """The largest fall of PSNR (dB) between consecutive evaluations after iteration ``after`` (0: none)."""
+    later = [value for iteration, value in psnrs if iteration >= after]
+    return max([0.0] + [a - b for a, b in zip(later, later[1:])])
 
 
 def threshold_cell(run: dict, key: str) -> str:
@@ -140,14 +165,15 @@ def threshold_cell(run: dict, key: str) -> str:
 
 def table(runs: list) -> str:
     lines = ["| case | optimizer | init | start → final PSNR | final slice SSIM | it / s to 35 dB | "
-             "it / s to SSIM 0.90 | s/it | Gaussians | auto stop (PSNR there) | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "it / s to SSIM 0.90 | s/it | Gaussians | auto stop (PSNR there) | peak PSNR (it) | max dip after 100 "
+             "| peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         stop = f"{r['auto_stop']} ({r['auto_stop_psnr']:.2f})" if r["auto_stop"] else "–"
         lines.append(f"| {r['case']} | {r['optimizer']} | {r['init']} | {r['start_psnr']:.2f} → {r['final']['psnr']:.2f} "
                      f"| {r['final']['ssim_slice']:.3f} | {threshold_cell(r, 'psnr35')} | {threshold_cell(r, 'ssim90')} "
                      f"| {r['seconds_per_iteration']:.3f} | {r['n_gaussians'][0]} → {r['n_gaussians'][1]} | {stop} "
-                     f"| {r['peak_rss_mb']:.0f} |")
+                     f"| {r['peak'][1]:.2f} ({r['peak'][0]}) | {r['max_dip_after_100']:.2f} | {r['peak_rss_mb']:.0f} |")
     ratios = []
     for r in runs:
         if r["optimizer"] != "preconditioned":
@@ -172,11 +198,12 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cases = [item.split("=", 1) for item in args.case]
     jobs = [{"case": name, "path": path, "spacing": args.spacing, "crop": args.crop, "views": args.views,
-             "dose": args.dose, "seed": args.seed, "optimizer": optimizer, "init": init, "iters": args.iters,
+             "dose": args.dose, "seed": args.seed, "optimizer": arm, "settings": settings, "init": init,
+             "iters": args.iters,
              "n_gaussians": args.n_gaussians, "eval_every": args.eval_every,
              "stop_at_thresholds": args.stop_at_thresholds, "views_per_iter_3dgr": args.views_per_iter_3dgr,
              "iters_3dgr": args.iters_3dgr}
-            for name, path in cases for init in args.inits for optimizer in args.optimizers]
+            for name, path in cases for init in args.inits for arm, settings in args.arms.items()]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         runs = []
         for run in pool.map(run_one, jobs):

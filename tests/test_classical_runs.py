@@ -120,7 +120,8 @@ def test_cli_method_writes_a_run_the_report_reads(scan_file, tmp_path):
 def test_cli_refuses_options_of_the_other_kind_before_any_work(scan_file, tmp_path):
     cases = [["--method", "cgls", "--prior", "p.pt"], ["--method", "sart", "--n-gaussians", 10],
              ["--method", "sart", "--iters", "auto"], ["--subsets", 4], ["--method", "cgls", "--subsets", 4],
-             ["--method", "sart", "--init", "medgmae"], ["--method", "sart", "--relaxation", 2.5]]
+             ["--method", "sart", "--init", "medgmae"], ["--method", "sart", "--relaxation", 2.5],
+             ["--method", "cgls", "--validation-views", 4]]
     for options in cases:
         code, _, err = run_cli(["reconstruct", scan_file, *options, "--out", tmp_path / "run"])
         assert code == 2, options

@@ -14,10 +14,12 @@ from ctrecon.core.geometry import ConeBeamGeometry, VolumeGeometry
 from ctrecon.core.io import Scan, save_scan
 from ctrecon.core.phantoms import Ellipsoid, ellipsoid_volume
 from ctrecon.operators.projector import Projector
+from ctrecon.pipeline.metrics import psnr
 from ctrecon.methods.gaussians import DensityStrategy
-from ctrecon.pipeline.reconstruct import (OPTIMIZER_METHODS, SECTIONS, NonFiniteLossError, ReconstructConfig, Trainer,
-                                          _ViewCycle, coarse_lattice, learning_rates, projection_ssim, reconstruct,
-                                          residual_converged, total_variation)
+from ctrecon.pipeline.reconstruct import (OPTIMIZER_METHODS, SECTIONS, VALIDATION_STOP, NonFiniteLossError,
+                                          ReconstructConfig, Trainer, _ViewCycle, coarse_lattice, learning_rates,
+                                          projection_ssim, ramp_weighted_error, reconstruct, residual_converged,
+                                          total_variation, validation_split)
 
 from cli_helpers import run_cli
 
@@ -53,7 +55,7 @@ def test_loop_lowers_loss_and_beats_the_fbp_initialisation(scan):
     assert result.final["psnr"] == history[-1]["psnr"]
     assert result.final["psnr"] > history[0]["psnr"] + 3.0  # well above the FBP initialisation
     assert result.iterations == 120 and not result.interrupted and result.stop_reason == "completed"
-    assert set(result.timing) == {"render", "project", "backward", "densify"}
+    assert set(result.timing) == {"render", "project", "backward", "densify", "validate"}
     assert result.wall_seconds >= sum(result.timing.values()) * 0.99 and result.eval_seconds > 0
     assert all(h2["seconds"] >= h1["seconds"] for h1, h2 in zip(history, history[1:]))
     assert tuple(result.volume.shape) == (N_VOXELS,) * 3 and result.volume.dtype == torch.float32
@@ -355,6 +357,30 @@ def test_cli_optimizer_default_choice_and_config_files(scan_file, tmp_path):
     assert code == 2 and 'positive integer or "auto"' in err and not (tmp_path / "bad").exists()
 
 
+def test_cli_validation_views_stop_and_say_which_state_they_return(scan, tmp_path):
+    """Held-out views whose measurements disagree with the rest (zeros) stop the fit early; the summary says
+    which state the run folder holds."""
+    _, held = validation_split(N_VIEWS, 6)
+    projections = scan.projections.copy()
+    projections[held] = 0.0
+    save_scan(tmp_path / "spoiled.npz", Scan(projections, scan.angles, scan.geometry, scan.ground_truth))
+    (tmp_path / "often.json").write_text(json.dumps({"validation_every": 5, "validation_patience": 2}))
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(["reconstruct", tmp_path / "spoiled.npz", "--config", tmp_path / "often.json",
+                                 "--optimizer", "preconditioned", "--iters", 100, "--n-gaussians", 150,
+                                 "--views-per-iter", 6, "--validation-views", 6, "--out", out])
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert json.loads((out / "config.json").read_text())["config"]["stopping"]["validation_views"] == 6
+    assert metrics["stop_reason"] == "held-out views' loss stopped falling"
+    assert metrics["iterations_run"] == metrics["iterations"] + 10 < 100
+    assert [check[0] for check in metrics["validation"]] == list(range(5, metrics["iterations_run"] + 1, 5))
+    assert (f"stopped: held-out views' loss stopped falling (at iteration {metrics['iterations_run']}; the state "
+            f"returned is that of iteration {metrics['iterations']})") in stdout
+    code, _, err = run_cli(["reconstruct", tmp_path / "spoiled.npz", "--validation-views", 20, "--out", tmp_path / "bad"])
+    assert code == 2 and "at least half of the scan's 30 views" in err and not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_cli_ctrl_c_and_sigterm_write_what_was_reached(scan_file, tmp_path, monkeypatch, how):
     original = recon_module.reconstruct
@@ -438,3 +464,80 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(scan_file, tmp_path):
         assert code == 2, options
         assert err.startswith("ctrecon: error: ") and err.count("\n") == 1, err
     assert sorted(os.listdir(tmp_path)) == ["corrupt.npz", "taken"]
+
+
+def test_validation_split_spreads_the_held_out_views():
+    fitted, held = validation_split(120, 8)
+    assert held.tolist() == [7, 22, 37, 52, 67, 82, 97, 112]
+    assert fitted.size == 112 and not set(fitted.tolist()) & set(held.tolist())
+    assert sorted(fitted.tolist() + held.tolist()) == list(range(120))
+    assert validation_split(30, 1)[1].tolist() == [15]
+
+
+def test_held_out_views_never_enter_the_fit_and_the_lowest_state_is_returned(scan):
+    from ctrecon.operators.fdk import filter_projections, filter_response
+
+    """Garbage in the held-out views changes nothing in the fit (only their loss), and a stop returns the
+    state of the lowest held-out loss with the steps made recorded beside it."""
+    config = small_config(method="preconditioned", iterations=40, views_per_iter=6, validation_views=4,
+                          validation_every=5, validation_patience=100)
+    clean = reconstruct(scan, init="fbp", config=config, seed=2)
+    _, held = validation_split(N_VIEWS, 4)
+    spoiled_projections = scan.projections.copy()
+    spoiled_projections[held] *= 3.0
+    spoiled = reconstruct(Scan(spoiled_projections, scan.angles, scan.geometry, scan.ground_truth), init="fbp",
+                          config=config, seed=2)
+    assert torch.equal(clean.volume, spoiled.volume)
+    assert [h["loss"] for h in clean.history] == [h["loss"] for h in spoiled.history]
+    assert [check[0] for check in clean.validation] == list(range(5, 41, 5))
+    assert all(s[1] > c[1] for c, s in zip(clean.validation, spoiled.validation))
+    assert clean.stop_reason == "completed" and clean.timing["validate"] > 0
+
+    # the spoiled views' loss rises as the fit improves: with patience 2 the run stops and returns its lowest
+    early = reconstruct(Scan(spoiled_projections, scan.angles, scan.geometry, scan.ground_truth), init="fbp",
+                        config=small_config(**{**config.to_dict()["stopping"], "method": "preconditioned",
+                                               "iterations": 40, "views_per_iter": 6, "validation_every": 5,
+                                               "validation_patience": 2}), seed=2)
+    losses = dict(map(tuple, early.validation))
+    best = min(losses, key=losses.get)
+    assert early.stop_reason == VALIDATION_STOP
+    assert early.iterations == best and early.to_metrics()["iterations_run"] == best + 10
+    assert max(losses) == best + 10
+    assert early.final["psnr"] == pytest.approx(psnr(early.volume, torch.as_tensor(scan.ground_truth)), abs=1e-4)
+    assert early.final["psnr"] != pytest.approx(early.history[-1]["psnr"], abs=1e-4)  # not the last state's
+    with torch.no_grad():
+        again = Projector(scan.geometry[held])(early.field.render(scan.geometry.volume))
+    target = torch.as_tensor(spoiled_projections[held])
+    scale = float(np.abs(np.delete(spoiled_projections, held, axis=0)).max())
+    residual = (again - target) / scale
+    response, _ = filter_response(scan.geometry.nDetector[1], scan.geometry.dDetector[1] * scan.geometry.DSO
+                                  / scan.geometry.DSD)
+    ramp_weighted = (residual * filter_projections(residual, scan.geometry)).mean() / np.sqrt(np.mean(response ** 2))
+    assert float(ramp_weighted) == pytest.approx(losses[best], rel=1e-4)
+
+
+def test_ramp_weighted_error_measures_the_volume_error_at_every_frequency():
+    """Volume errors of equal energy, smooth to fine: the plain mean squared projection residual falls
+    more than 10× from the smoothest to the finest, the ramp-weighted one stays within 2× (Fourier slice)."""
+    n = 32
+    grid = VolumeGeometry((n,) * 3, (1.0,) * 3)
+    geometry = ConeBeamGeometry.covering(grid, n_views=90)
+    z, y, x = np.meshgrid(*[np.arange(n) - (n - 1) / 2] * 3, indexing="ij")
+    envelope = np.exp(-(x ** 2 + y ** 2 + z ** 2) / (2 * 5.0 ** 2))
+    plain, weighted = [], []
+    for frequency in (0.0, 0.1, 0.2):  # cycles per voxel along x + y
+        error = envelope * np.cos(2 * np.pi * frequency * (x + y))
+        residual = Projector(geometry)(torch.as_tensor(error / np.linalg.norm(error), dtype=torch.float32))
+        plain.append(float((residual ** 2).mean()))
+        weighted.append(ramp_weighted_error(residual, geometry))
+    assert plain[0] / plain[-1] > 10 and plain == sorted(plain, reverse=True)
+    assert max(weighted) / min(weighted) < 2
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"validation_views": 16}, "at least half"),
+    ({"validation_views": 10, "views_per_iter": 25}, "exceeds the scan's 20 views left after holding out 10"),
+])
+def test_held_out_views_must_leave_enough_to_fit(scan, changes, message):
+    with pytest.raises(InputError, match=message):
+        reconstruct(scan, init="fbp", config=small_config(**changes), seed=0)

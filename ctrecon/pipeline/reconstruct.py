@@ -63,7 +63,11 @@ rules, the cap), ``evaluation`` (when, thresholds, timing) and ``stopping``. The
 * **Stopping**: after ``iterations`` steps, or with ``iterations="auto"`` when the mean data loss of
   the last ``residual_window`` steps is less than ``residual_tolerance`` below the window before (no
   ground truth needed; capped by ``max_iterations``); optionally at a PSNR target or once both
-  thresholds are reached (with a ground truth).
+  thresholds are reached (with a ground truth). With ``validation_views`` = H > 0, H views spread over
+  the scan are left out of the FDK, the initialiser and the fit; every ``validation_every`` steps their
+  loss is computed (counted as optimisation time, phase "validate"), and once ``validation_patience``
+  checks in a row bring no new lowest value the run stops and returns the field of the lowest (a
+  ground-truth-free guard against fitting noise, which the residual rule cannot see).
 * **Evaluation** every ``eval_every`` iterations (and at 0 and at the end) against
   ``scan.ground_truth`` when present: PSNR, 3-D SSIM and the 3DGR-CT slice SSIM
   (:mod:`ctrecon.pipeline.metrics`), and the first iteration/seconds at which PSNR ≥ ``psnr_threshold`` and
@@ -94,15 +98,17 @@ import torch.nn.functional as F
 
 from ctrecon.core.errors import InputError
 from ctrecon.core.geometry import VolumeGeometry
+from ctrecon.core.io import Scan
 from ctrecon.methods.gaussians.densify import ADDITIVE_GRAD_THRESHOLD, ADDITIVE_MIN_SCALE_VOXELS, ADDITIVE_SPLIT_OFFSET
 from ctrecon.operators.projector import Projector
-from ctrecon.operators.fdk import filter_projections, filter_response
+from ctrecon.operators.fdk import FILTERS, filter_projections, filter_response
 from ctrecon.pipeline.tracking import TIMING_PHASES, RunMonitor
 
 __all__ = ["ReconstructConfig", "GaussianSettings", "ScheduleSettings", "OptimizerSettings", "DensitySettings",
            "EvaluationSettings", "StoppingSettings", "SECTIONS", "Trainer", "ReconstructResult", "Progress",
            "NonFiniteLossError", "reconstruct", "learning_rates", "residual_converged", "coarse_lattice", "LOSSES",
-           "DENSITY_STRATEGIES", "TIMING_PHASES", "validate_evaluation", "finite_number"]
+           "DENSITY_STRATEGIES", "TIMING_PHASES", "validate_evaluation", "finite_number", "validation_split", "ramp_weighted_error",
+           "VALIDATION_STOP"]
 
 LOSSES = ("mse", "l1")
 DENSITY_STRATEGIES = ("3dgr", "additive")  # gaussians.QuantileSplitCloneStrategy, AdditiveDensityStrategy
@@ -137,6 +143,7 @@ class OptimizerSettings:
     pre-activation intensity)."""
 
     method: str = "3dgr"                 # "3dgr": Adam on the exact gradient; "preconditioned": see the module doc
+    precondition_filter: str = "ram-lak"  # "preconditioned": the residual's filter (operators.fdk.FILTERS)
     loss: str = "mse"                    # data term: "mse" (3DGR-CT) or "l1" (R²-Gaussian)
     lambda_dssim: float = 0.0            # weight of 1 - SSIM over projection images
     lambda_tv: float = 0.0               # weight of 3-D TV of the rendered volume
@@ -199,16 +206,26 @@ class EvaluationSettings:
 
 @dataclasses.dataclass
 class StoppingSettings:
-    """Early stops: against the ground truth (off by default), and the rule of ``iterations="auto"``,
-    which needs none: stop once the mean data loss of the last ``residual_window`` iterations is less than
-    ``residual_tolerance`` (relative) below that of the window before, or at ``max_iterations``."""
+    """Early stops: against the ground truth (off by default), and two that need none. The rule of
+    ``iterations="auto"``: stop once the mean data loss of the last ``residual_window`` iterations is less
+    than ``residual_tolerance`` (relative) below that of the window before, or at ``max_iterations``.
+    Held-out views (``validation_views`` > 0): those views are left out of the fit and their loss is
+    checked every ``validation_every`` iterations; once ``validation_patience`` checks in a row bring no
+    new lowest value, the run stops and returns the field of the lowest (it stops the fit of noise, which
+    the residual rule cannot see: the training loss keeps falling while the field fits noise)."""
 
     stop_at_psnr: Optional[float] = None  # stop once PSNR ≥ this
     stop_at_thresholds: bool = False      # stop once both thresholds are reached
     max_iterations: int = 3_000           # the cap of iterations="auto"
     residual_window: int = 100            # iterations per window (with 10 of 120 views: 8 passes over the views)
     residual_tolerance: float = 0.01      # relative improvement between consecutive windows below which to stop
+    validation_views: int = 0             # views held out of the fit (spread over the scan); 0: none
+    validation_every: int = 25            # iterations between checks of the held-out views' loss
+    validation_patience: int = 4          # checks without a new best after which to stop (returning the best)
 
+
+#: The stop reason of the held-out views' rule (StoppingSettings.validation_views).
+VALIDATION_STOP = "held-out views' loss stopped falling"
 
 #: Views per iteration of ``views_per_iter="auto"`` (a third of a 120-view scan).
 AUTO_VIEWS_PER_ITER = 40
@@ -246,7 +263,7 @@ class ReconstructConfig:
         values = {name: getattr(getattr(self, section), name) for name, section in _SECTION_OF.items()}
         validate_evaluation(self.evaluation, self.stopping)
         positive_ints = ("iterations", "n_gaussians", "lr_decay_steps", "densify_every", "max_gaussians",
-                         "max_iterations", "residual_window")
+                         "max_iterations", "residual_window", "validation_every", "validation_patience")
         for name in positive_ints:
             value = values[name]
             if (name, value) in (("iterations", "auto"), ("lr_decay_steps", None), ("densify_every", None)):
@@ -255,7 +272,7 @@ class ReconstructConfig:
                 also = {"iterations": ' or "auto"', "lr_decay_steps": " or None", "densify_every": " or None"}.get(
                     name, "")
                 raise InputError(f"{name} must be a positive integer{also}, got {value!r}")
-        for name in ("views_per_iter", "coarse_iterations", "densify_from", "densify_until"):
+        for name in ("views_per_iter", "coarse_iterations", "densify_from", "densify_until", "validation_views"):
             value = values[name]
             if (name, value) == ("views_per_iter", "auto"):
                 continue
@@ -282,6 +299,9 @@ class ReconstructConfig:
             raise InputError(f"unknown loss {values['loss']!r} (use {', '.join(LOSSES)})")
         if values["method"] not in OPTIMIZER_METHODS:
             raise InputError(f"unknown optimizer method {values['method']!r} (use {', '.join(OPTIMIZER_METHODS)})")
+        if values["precondition_filter"] not in FILTERS:
+            raise InputError(f"unknown precondition_filter {values['precondition_filter']!r} "
+                             f"(use {', '.join(FILTERS)})")
         if values["method"] == "preconditioned" and values["loss"] != "mse":
             raise InputError("the preconditioned optimizer filters the residual of the mse loss; use loss mse")
         if values["strategy"] not in (None, "none", *DENSITY_STRATEGIES):
@@ -423,18 +443,24 @@ class ReconstructResult:
     interrupted: bool = False
     stop_reason: str = "completed"
     method: str = "3dgr"                 # "3dgr" or a classical method (ctrecon.pipeline.classical.METHODS)
+    iterations_run: Optional[int] = None  # steps made, when more than ``iterations`` (a held-out-views stop
+    #                                       returns an earlier state); None: ``iterations``
+    validation: Optional[list] = None     # [[iteration, held-out views' loss], ...] with held-out views
 
     def to_metrics(self) -> dict:
         """metrics.json content: the keys of the CLI contract plus timing, init time and stop reason."""
+        steps = self.iterations if self.iterations_run is None else self.iterations_run
         return {"method": self.method, "init": self.init, "iterations": self.iterations, "wall_seconds": self.wall_seconds,
                 "eval_seconds": self.eval_seconds, "n_gaussians": self.n_gaussians, "final": self.final,
                 "thresholds": self.thresholds, "history": self.history,
                 "init_seconds": self.init_seconds, "timing": self.timing,
-                "seconds_per_iteration": self.wall_seconds / self.iterations if self.iterations else None,
+                "seconds_per_iteration": self.wall_seconds / steps if steps else None,
                 "ssim_threshold_metric": self.config.evaluation.ssim_threshold_metric,
                 "psnr_threshold": self.config.evaluation.psnr_threshold,
                 "ssim_threshold": self.config.evaluation.ssim_threshold,
-                "interrupted": self.interrupted, "stop_reason": self.stop_reason}
+                "interrupted": self.interrupted, "stop_reason": self.stop_reason,
+                "iterations_run": steps,
+                "validation": self.validation}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -487,6 +513,37 @@ def residual_converged(losses: list, window: int, tolerance: float) -> bool:
         return False
     previous, last = np.mean(losses[-2 * window:-window]), np.mean(losses[-window:])
     return bool(last > previous * (1.0 - tolerance))
+
+
+def validation_split(n_views: int, n_held: int) -> tuple:
+    """(fitted, held-out) view indices (sorted int64 arrays): ``n_held`` views spread evenly over the
+    scan's ``n_views`` (view ``floor((i + 0.5)·n_views / n_held)`` for i < n_held), the rest for the fit."""
+    held = np.array(sorted({int((i + 0.5) * n_views / n_held) for i in range(n_held)}), dtype=np.int64)
+    return np.setdiff1d(np.arange(n_views), held), held
+
+
+def filter_gain(geometry, filter: str = "ram-lak") -> float:
+    """RMS over frequencies of the response of the FDK ``filter`` on ``geometry``'s detector rows."""
+    response, _ = filter_response(geometry.nDetector[1], geometry.dDetector[1] * geometry.DSO / geometry.DSD, filter)
+    return float(np.sqrt(np.mean(response ** 2)))
+
+
+def ramp_weighted_error(residual: torch.Tensor, geometry, filter: str = "ram-lak") -> float:
+    """``mean(r · F r) / g`` of projection residuals ``r`` [A, V, U] of ``geometry`` (F: the FDK ramp
+    filter along u, g its RMS gain). By the Fourier slice theorem ``Σ_θ ∫ |ω| |r̂_θ(ω)|² dω`` is
+    proportional to the squared error of the volume behind ``r`` (plus the noise's own share), whatever
+    its frequencies; the plain mean squared residual weights the low ones (1/|ω|), so it goes on falling
+    while a field fits noise (measured, data/README.md) and cannot serve as the held-out views' stop."""
+    return float((residual * filter_projections(residual, geometry, filter)).mean()) / filter_gain(geometry, filter)
+
+
+def _split_scan(scan, n_held: int) -> tuple:
+    """(the scan of the fitted views, (held-out projections [H, V, U], their geometry) or None)."""
+    if not n_held:
+        return scan, None
+    fitted, held = validation_split(scan.geometry.n_angles, n_held)
+    fit = Scan(scan.projections[fitted], scan.angles[fitted], scan.geometry[fitted], scan.ground_truth, scan.meta)
+    return fit, (scan.projections[held], scan.geometry[held])
 
 
 class _ViewCycle:
@@ -554,9 +611,13 @@ def _consistent(field) -> bool:
 
 def _check_inputs(scan, config: ReconstructConfig) -> None:
     """InputError for a scan the settings cannot run on (before the FDK)."""
-    n_views = scan.geometry.n_angles
-    if config.schedule.views_per_iter != "auto" and config.schedule.views_per_iter > n_views:
-        raise InputError(f"views_per_iter ({config.schedule.views_per_iter}) exceeds the scan's {n_views} views")
+    n_views, held = scan.geometry.n_angles, config.stopping.validation_views
+    if held and held > n_views // 2:
+        raise InputError(f"validation_views ({held}) must leave at least half of the scan's {n_views} views to the fit")
+    fitted = n_views - held
+    if config.schedule.views_per_iter != "auto" and config.schedule.views_per_iter > fitted:
+        raise InputError(f"views_per_iter ({config.schedule.views_per_iter}) exceeds the scan's {fitted} views"
+                         + (f" left after holding out {held}" if held else ""))
     grid = scan.geometry.volume
     if scan.ground_truth is not None and tuple(np.shape(scan.ground_truth)) != tuple(grid.nVoxel):
         raise InputError(f"ground truth shape {tuple(np.shape(scan.ground_truth))} differs from the grid {grid.nVoxel}")
@@ -586,11 +647,13 @@ class Trainer:
     box that :func:`reconstruct` runs in order (``step``, ``evaluate``, ``stop_reason``, ``control_density``).
 
     init, init_seconds: the initialisation's label and time, carried into the result. ``generator``
-    draws the view order and the density strategy's samples.
+    draws the view order and the density strategy's samples. held_out: (projections [H, V, U], their
+    ConeBeamGeometry) of views left out of ``scan`` for the held-out views' stop, or None.
     """
 
     def __init__(self, scan, field, config: ReconstructConfig, *, device: torch.device, generator: torch.Generator,
-                 regularizer: Callable[[torch.Tensor, int], torch.Tensor] | None, init: str, init_seconds: float):
+                 regularizer: Callable[[torch.Tensor, int], torch.Tensor] | None, init: str, init_seconds: float,
+                 held_out: tuple | None = None):
         self.config, self.device, self.regularizer = config, device, regularizer
         self.init, self.init_seconds = init, init_seconds
         self.geometry = scan.geometry
@@ -599,9 +662,7 @@ class Trainer:
         self.projection_scale = float(measured.abs().max()) or 1.0
         self.target = measured / self.projection_scale
         self.extent = max(self.grid.sVoxel)
-        response, _ = filter_response(self.geometry.nDetector[1], self.geometry.dDetector[1] * self.geometry.DSO
-                                      / self.geometry.DSD)
-        self.filter_gain = float(np.sqrt(np.mean(response ** 2)))  # of the preconditioned method's ramp filter
+        self.filter_gain = filter_gain(self.geometry, config.optimizer.precondition_filter)
 
         self.field = field
         self.optimizer = torch.optim.Adam(field.parameter_groups(learning_rates(0, config, self.extent)), eps=1e-15)
@@ -610,6 +671,15 @@ class Trainer:
         self.coarse = {}  # sub-lattice offset -> (grid, projector), built on first use
         n_views, k = self.geometry.n_angles, config.views_per_step(self.geometry.n_angles)
         self.views = _ViewCycle(n_views, k, generator) if 0 < k < n_views else None
+        self.held_out = held_out is not None
+        if self.held_out:
+            projections, held_geometry = held_out
+            self.held_projector = Projector(held_geometry)
+            self.held_target = torch.as_tensor(np.asarray(projections, dtype=np.float32),
+                                               device=device) / self.projection_scale
+        self.best_validation = None  # (loss, iteration, raw parameters) of the lowest held-out loss so far
+        self.checks_since_best = 0
+        self.validation_losses: list = []  # (iteration, held-out loss) of every check
 
         self.monitor = RunMonitor(scan.ground_truth, config.evaluation, device)
         self.clock, self.history = self.monitor.clock, self.monitor.history
@@ -674,7 +744,8 @@ class Trainer:
         gain over frequencies) keeps the step of a white residual as large as the exact one. The other loss
         terms (D-SSIM, TV, a regulariser) keep their exact gradients."""
         residual = (predicted - wanted).detach()
-        filtered = filter_projections(residual, self.geometry) * (2.0 / (residual.numel() * self.filter_gain))
+        filtered = filter_projections(residual, self.geometry, self.config.optimizer.precondition_filter) * (
+            2.0 / (residual.numel() * self.filter_gain))
         others = [term for term in extras if term.requires_grad]
         torch.autograd.backward([predicted, *others], [filtered, *([None] * len(others))])
 
@@ -709,6 +780,38 @@ class Trainer:
             self.clock.end_phase("densify")
 
     # ----------------------------------------------------------------- evaluation and stopping
+    def check_validation(self, iteration: int) -> Optional[str]:
+        """Every ``validation_every`` iterations (with held-out views): the held-out views' loss (part of
+        the optimisation time), remembering the state of the lowest; the stop reason once
+        ``validation_patience`` checks in a row found none lower, else None."""
+        stopping = self.config.stopping
+        if not self.held_out or iteration % stopping.validation_every:
+            return None
+        self.clock.begin_phase()
+        with torch.no_grad():
+            volume = self.field.render(self.grid, self.config.gaussians.k_sigma)
+            loss = self.held_out_error(volume)
+        self.validation_losses.append((iteration, loss))
+        if self.best_validation is None or loss < self.best_validation[0]:
+            self.best_validation = (loss, iteration, _snapshot(self.field))
+            self.checks_since_best = 0
+        else:
+            self.checks_since_best += 1
+        self.clock.end_phase("validate")
+        if self.checks_since_best >= stopping.validation_patience:
+            return VALIDATION_STOP
+        return None
+
+    def held_out_error(self, volume: torch.Tensor) -> float:
+        """:func:`ramp_weighted_error` of the held-out views' residual (normalised like the loss)."""
+        residual = self.held_projector(volume) / self.projection_scale - self.held_target
+        return ramp_weighted_error(residual, self.held_projector.geometry, self.config.optimizer.precondition_filter)
+
+    def best_validated(self) -> tuple:
+        """(field, iterations) of the lowest held-out loss checked so far."""
+        _, iteration, raw = self.best_validation
+        return _field_from(self.field, raw), iteration
+
     def evaluation_due(self, iteration: int) -> bool:
         return iteration % self.config.evaluation.eval_every == 0 or iteration == self.config.iteration_cap
 
@@ -745,7 +848,8 @@ class Trainer:
             volume=volume.detach().float().cpu(), field=field, init=self.init, config=self.config,
             iterations=iterations, history=self.history, thresholds=self.monitor.tracker.summary(), final=final,
             wall_seconds=wall, eval_seconds=self.clock.excluded, init_seconds=self.init_seconds,
-            timing=dict(self.clock.phases), n_gaussians=len(field), interrupted=interrupted, stop_reason=stop_reason)
+            timing=dict(self.clock.phases), n_gaussians=len(field), interrupted=interrupted, stop_reason=stop_reason,
+            iterations_run=self.completed, validation=[list(check) for check in self.validation_losses] or None)
 
 
 def reconstruct(scan, *, init="fbp", config: ReconstructConfig | None = None, device="cpu", seed: int = 0,
@@ -766,6 +870,7 @@ def reconstruct(scan, *, init="fbp", config: ReconstructConfig | None = None, de
     device = torch.device(device)
     _check_inputs(scan, config)
     generator = torch.Generator().manual_seed(int(seed))
+    scan, held_out = _split_scan(scan, config.stopping.validation_views)  # the held-out views see no fit
     t_init = time.perf_counter()
     field = _initial_field(scan, init, config, device, generator, init_field)
     init_seconds = 0.0 if init_field is not None else time.perf_counter() - t_init
@@ -773,7 +878,7 @@ def reconstruct(scan, *, init="fbp", config: ReconstructConfig | None = None, de
         raise InputError(f"the initial field has {len(field)} Gaussians, more than max_gaussians "
                          f"({config.density.max_gaussians})")
     trainer = Trainer(scan, field, config, device=device, generator=generator, regularizer=regularizer,
-                      init=initializer_name(init), init_seconds=init_seconds)
+                      init=initializer_name(init), init_seconds=init_seconds, held_out=held_out)
 
     iterations = config.iteration_cap
     stop, interrupted = None, False
@@ -791,7 +896,7 @@ def reconstruct(scan, *, init="fbp", config: ReconstructConfig | None = None, de
             if callback is not None:
                 callback(Progress(iteration, iterations, loss, len(trainer.field), trainer.clock.seconds(), record,
                                   dict(trainer.clock.phases)))
-            stop = trainer.stop_reason(record)
+            stop = trainer.check_validation(iteration) or trainer.stop_reason(record)
             if stop is not None:
                 break
             if iteration < iterations:
@@ -806,6 +911,8 @@ def reconstruct(scan, *, init="fbp", config: ReconstructConfig | None = None, de
                                  trainer.result(trainer.good_field(), trainer.good_iteration, reason)) from None
     if not trainer.history or trainer.history[-1]["iteration"] != trainer.completed:
         trainer.evaluate(trainer.completed)
+    if stop == VALIDATION_STOP:
+        return trainer.result(*trainer.best_validated(), stop)
     return trainer.result(trainer.field, trainer.completed, stop or "completed", interrupted)
 
 

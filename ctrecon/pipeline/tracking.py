@@ -19,7 +19,7 @@ from ctrecon.pipeline.metrics import QUALITY_METRICS, ConvergenceTracker, evalua
 __all__ = ["Clock", "RunMonitor", "quality", "TIMING_PHASES"]
 
 #: The phases of a 3DGR-CT step timed separately (a classical solver's step is one phase, "solve").
-TIMING_PHASES = ("render", "project", "backward", "densify")
+TIMING_PHASES = ("render", "project", "backward", "densify", "validate")
 
 
 class Clock:
