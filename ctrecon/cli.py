@@ -447,7 +447,8 @@ def _prior_initializers(inits, prior) -> tuple:
 @click.option("--max-gaussians", type=int, default=None, help="Cap for densification [default: 200000].")
 @click.option("--loss", type=click.Choice(["mse", "l1"]), default=None, help="Projection loss [default: mse].")
 @click.option("--dssim", type=float, default=None, help="Weight of D-SSIM over projections [default: 0].")
-@click.option("--tv", type=float, default=None, help="Weight of 3-D TV of the volume [default: 0].")
+@click.option("--tv", type=float, default=None,
+              help="Weight of 3-D TV of the volume [default: 1e-3 (preconditioned), 0 (3dgr)].")
 @click.option("--coarse-iters", type=int, default=None,
               help="First iterations at half resolution (3DGR-CT low-res stage) [default: 0].")
 @click.option("--optimizer", type=click.Choice(["preconditioned", "3dgr"]), default=None, help=OPTIMIZER_HELP)
