@@ -705,7 +705,7 @@ def infer(volume, prior, out, render, levels, overlap, no_resample, input_units,
     from priors.zero_shot import (ZeroShotConfig, infer_field, load_zero_shot_prior, shipped_prior_path,
                                   to_prior_window)
     from ctrecon.core.geometry import VolumeGeometry
-    from ctrecon.core.io import read_volume, save_volume
+    from ctrecon.core.io import atomic_outputs, read_volume, save_volume
     from ctrecon.pipeline.metrics import psnr
     from ctrecon.core.units import hu_to_unit, unit_to_hu
 
@@ -731,8 +731,18 @@ def infer(volume, prior, out, render, levels, overlap, no_resample, input_units,
                             device=device, progress=progress)
     seconds = time.perf_counter() - start
     field.metadata.update(source=source.description, frame=frame, prior_file=str(prior))
-    _create_parent(out)
-    field.save(out)
+    rendered = None
+    if render is not None:
+        with torch.no_grad():
+            rendered = field.render(grid).cpu()
+    outputs = [out] + ([render] if render is not None else [])
+    for path in outputs:
+        _create_parent(path)
+    with atomic_outputs(*outputs) as files:  # the Gaussians and the rendering: both or neither
+        field.save(files[0])
+        if rendered is not None:
+            save_volume(files[1], rendered.numpy() if input_units == "unit" else unit_to_hu(rendered.numpy()),
+                        source.spacing, source.origin)
     windows, counts = field.metadata["windows"], field.metadata["gaussians"]
     click.echo(f"{source.description}: {_shape_text(source.array.shape)} voxels at {_shape_text(source.spacing, '.3g')} mm")
     click.echo(f"{meta['architecture']} prior ({'all levels' if config.levels == 'all' else 'level 0'}, "
@@ -740,14 +750,9 @@ def infer(volume, prior, out, render, levels, overlap, no_resample, input_units,
                f"{windows['inferred']} of {windows['total']} windows inferred "
                f"({windows['total'] - windows['inferred']} empty), "
                f"{counts['kept']} Gaussians kept of {counts['produced']}, {seconds:.1f} s on {device}")
-    if render is not None:
-        with torch.no_grad():
-            rendered = field.render(grid).cpu()
+    if rendered is not None:
         lo, hi = meta["intensity_window_hu"]
         target = to_prior_window(torch.from_numpy(np.asarray(unit, dtype=np.float32)), (lo, hi)) * ((hi - lo) / 4095.0)
-        _create_parent(render)
-        save_volume(render, rendered.numpy() if input_units == "unit" else unit_to_hu(rendered.numpy()),
-                    source.spacing, source.origin)
         click.echo(f"rendered field vs the volume in the prior's window: PSNR {psnr(rendered, target):.2f} dB "
                    f"(unit attenuation, data range 1); wrote {render}")
     click.echo(f"wrote {out} ({len(field)} Gaussians, world mm, {frame} frame)")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import pickle
+import re
 import subprocess
 from pathlib import Path
 
@@ -89,7 +91,12 @@ def _load_payload(path, map_location="cpu") -> dict:
         raise InputError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable or unsafe file is bad input
+    except pickle.UnpicklingError as err:  # objects a safe load refuses; PyTorch's text suggests the unsafe load
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        raise InputError(f"{path} is not a ctrecon checkpoint: it holds Python objects"
+                         f"{f' ({found.group(1)})' if found else ''} that ctrecon refuses to unpickle (they could "
+                         "run code); a ctrecon checkpoint holds only tensors and plain data") from None
+    except Exception as err:  # noqa: BLE001 - any unreadable file is bad input
         first_line = str(err).splitlines()[0] if str(err) else ""
         raise InputError(f"{path} is not a readable ctrecon checkpoint ({type(err).__name__}: {first_line})") from None
     if not isinstance(payload, dict) or payload.get("format") not in (PRIOR_FORMAT, STATE_FORMAT, MONAI_FORMAT):

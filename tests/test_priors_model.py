@@ -358,8 +358,9 @@ def test_prior_round_trip_and_safe_loading(tmp_path):
             return (print, ("unpickled!",))
 
     torch.save({"format": "ctrecon-prior", "metadata": "{}", "state_dict": {}, "x": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="holds Python objects .*print.* refuses to unpickle") as refused:
         checkpoints.load_prior(tmp_path / "evil.pt")
+    assert "weights_only" not in str(refused.value) and "will likely succeed" not in str(refused.value)
     with pytest.raises(InputError):
         checkpoints.load_prior(tmp_path / "missing.pt")
 

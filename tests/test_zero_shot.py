@@ -395,3 +395,10 @@ def test_cli_infer_writes_gaussians_and_rendering(tmp_path):
     assert code == 2 and "checkpoint not found" in stderr and not (tmp_path / "x.npz").exists()
     code, _, stderr = run_cli(["infer", volume, "--prior", prior, "--out", tmp_path / "x.txt"])
     assert code == 2 and ".npz" in stderr
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    out.write_bytes(b"an earlier result")
+    code, _, stderr = run_cli(["infer", volume, "--prior", prior, "--out", out, "--render",
+                               tmp_path / "blocker" / "r.nii.gz", "--device", "cpu"])
+    assert code == 2 and stderr.count("\n") == 1 and "blocker" in stderr, stderr
+    assert out.read_bytes() == b"an earlier result"  # left as it was: no new .npz without its rendering
+    assert sorted(p.name for p in out.parent.iterdir()) == ["gaussians.npz"]
