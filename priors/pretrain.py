@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -242,14 +243,34 @@ def pretrain(data, out, model_cfg: ModelConfig, data_cfg: DataConfig = None, tra
     description = describe_volumes(data, files, layout)
 
     ctx = _distributed(device)
+    earlier = set(os.listdir(out)) if out.is_dir() else None  # what a failure before a checkpoint leaves alone
     try:
         return _train(ctx, files, description, out, model_cfg, data_cfg, train_cfg, resume, cache_dir, progress,
                       checkpoint_path, prior_path, log_path)
+    except Exception:
+        if ctx.main and not checkpoint_path.exists():  # nothing to resume from: take back what this run wrote
+            _remove_new_entries(out, earlier)
+        raise
     finally:
         if ctx.owns_group:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _remove_new_entries(out: Path, earlier: set | None) -> None:
+    """Remove the entries of ``out`` not in ``earlier`` (its listing before the run), and ``out`` itself when
+    the run created it (``earlier`` None) and it is left empty."""
+    if not out.is_dir():
+        return
+    for name in set(os.listdir(out)) - (earlier or set()):
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if earlier is None and not any(out.iterdir()):
+        out.rmdir()
 
 
 def _train(ctx, files, description, out, model_cfg, data_cfg, train_cfg, resume, cache_dir, progress,

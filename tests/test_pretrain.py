@@ -154,3 +154,29 @@ def test_cli_pretrain_bad_volume_in_a_worker_is_one_line(volume_folder, tmp_path
     code, _, err = run_cli(["pretrain", "--data", data, "--config", "tiny", "--out", tmp_path / "run", "--steps", 2,
                             "--batch", 2, "--crop-size", 32, "--workers", 2, "--device", "cpu"])
     assert code == 2 and err.count("\n") == 1 and "b.nii.gz is corrupt" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_pretrain_failing_before_its_first_checkpoint_leaves_nothing(volume_folder, tmp_path, monkeypatch):
+    """A failure after training started but before any checkpoint (here a full disk at the first one) takes
+    back config.json, log.csv and previews; files that were in --out before stay."""
+    import errno
+
+    import priors.pretrain as pretrain_module
+    from cli_helpers import run_cli
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pretrain_module, "save_state", disk_full)
+    options = ["--data", volume_folder, "--config", "tiny", "--steps", 2, "--batch", 2, "--crop-size", 32,
+               "--workers", 0, "--log-every", 1, "--preview-every", 1, "--device", "cpu"]
+    code, _, err = run_cli(["pretrain", *options, "--out", tmp_path / "run"])
+    last = err.strip().splitlines()[-1]  # after the progress bar
+    assert code == 1 and last.startswith("ctrecon: error: ") and "No space left" in last and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    code, _, err = run_cli(["pretrain", *options, "--out", tmp_path / "mine"])
+    assert code == 1, err
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
