@@ -107,6 +107,27 @@ def _create_parent(out) -> None:
         raise InputError(f"cannot create the output folder {out.parent}: {err.strerror or err}") from None
 
 
+def _read_input_volume(volume, skip_bad_slices: bool):
+    """``read_volume`` of a command's VOLUME; the DICOM files it left out are named in one warning line."""
+    import warnings
+
+    from ctrecon.core.io import SkippedSlicesWarning, read_volume
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SkippedSlicesWarning)
+        source = read_volume(volume, skip_bad_slices=skip_bad_slices)
+    for warning in caught:
+        if issubclass(warning.category, SkippedSlicesWarning):
+            click.echo(f"ctrecon: warning: {warning.message}", err=True)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return source
+
+
+SKIP_BAD_SLICES_HELP = ("DICOM series: leave out files that cannot be read or hold no pixel data (named in a "
+                        "warning) instead of refusing the series; a hole inside the stack is still refused.")
+
+
 @cli.command()
 @click.argument("volume", type=click.Path(dir_okay=True))
 @click.option("--views", required=True, type=click.IntRange(min=1), help="Number of projections (gantry angles).")
@@ -123,10 +144,12 @@ def _create_parent(out) -> None:
 @click.option("--spacing", default=None, metavar="MM", help="Resample to this voxel size in mm: one number or DZ,DY,DX.")
 @click.option("--input-units", default="hu", show_default=True, type=click.Choice(["hu", "unit"]),
               help="Volume values: Hounsfield units, or unit attenuation (HU+1024)/4095 already.")
+@click.option("--skip-bad-slices", is_flag=True, help=SKIP_BAD_SLICES_HELP)
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Scan file to write (.npz); its folder is created when missing.")
 @common_options
-def simulate(volume, views, arc, dose, electronic_sigma, mu_water, shape, spacing, input_units, out, device, seed):
+def simulate(volume, views, arc, dose, electronic_sigma, mu_water, shape, spacing, input_units, skip_bad_slices, out,
+             device, seed):
     """Simulate a circular cone-beam scan of a CT volume.
 
     VOLUME is a NIfTI file, a DICOM series folder, or a .npy/.npz array, in HU. The detector is sized
@@ -142,7 +165,7 @@ def simulate(volume, views, arc, dose, electronic_sigma, mu_water, shape, spacin
     import math
     import time
 
-    from ctrecon.core.io import read_volume, save_scan
+    from ctrecon.core.io import save_scan
     from ctrecon.pipeline.simulate import simulate_scan
 
     if shape is not None and spacing is not None:
@@ -153,7 +176,7 @@ def simulate(volume, views, arc, dose, electronic_sigma, mu_water, shape, spacin
         raise InputError("--electronic-noise needs --dose (the incident photons per pixel)")
     out = _checked_output(out, (".npz",), "scan")
     start = time.perf_counter()
-    source = read_volume(volume)
+    source = _read_input_volume(volume, skip_bad_slices)
     scan = simulate_scan(source.array, source.spacing, views, arc=math.radians(arc), dose_i0=dose,
                          electronic_sigma=electronic_sigma, shape=shape, spacing_out=spacing,
                          input_units=input_units, seed=seed, device=device, source=str(volume),
@@ -682,8 +705,10 @@ def report(runs, out, device, seed):
               help="Gaussian coordinates: scan = volume centred at the origin (the frame of `ctrecon simulate` "
                    "scans and `reconstruct --init-gaussians`); patient = the file's LPS frame.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Windows per forward pass.")
+@click.option("--skip-bad-slices", is_flag=True, help=SKIP_BAD_SLICES_HELP)
 @common_options
-def infer(volume, prior, out, render, levels, overlap, no_resample, input_units, frame, batch_size, device, seed):
+def infer(volume, prior, out, render, levels, overlap, no_resample, input_units, frame, batch_size, skip_bad_slices,
+          device, seed):
     """Zero-shot Gaussians of a volume with a MedGMAE / MedGMAE* prior.
 
     The volume is windowed to the prior's intensity window, resampled to its voxel spacing, cut into
@@ -705,7 +730,7 @@ def infer(volume, prior, out, render, levels, overlap, no_resample, input_units,
     from priors.zero_shot import (ZeroShotConfig, infer_field, load_zero_shot_prior, shipped_prior_path,
                                   to_prior_window)
     from ctrecon.core.geometry import VolumeGeometry
-    from ctrecon.core.io import atomic_outputs, read_volume, save_volume
+    from ctrecon.core.io import atomic_outputs, save_volume
     from ctrecon.pipeline.metrics import psnr
     from ctrecon.core.units import hu_to_unit, unit_to_hu
 
@@ -714,7 +739,7 @@ def infer(volume, prior, out, render, levels, overlap, no_resample, input_units,
         render = _checked_output(render, (".nii.gz", ".nii"), "NIfTI")
     prior = prior if prior is not None else shipped_prior_path("medgmae-star")
     config = ZeroShotConfig(levels=levels, overlap=overlap, resample=not no_resample, batch_size=batch_size)
-    source = read_volume(volume)
+    source = _read_input_volume(volume, skip_bad_slices)
     model, meta = load_zero_shot_prior(prior, device)
     unit = source.array if input_units == "unit" else hu_to_unit(source.array)
     offset = (0.0, 0.0, 0.0)

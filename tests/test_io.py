@@ -16,8 +16,8 @@ from scipy import ndimage
 from ctrecon.core.errors import InputError
 from ctrecon.core.geometry import ConeBeamGeometry, VolumeGeometry
 from ctrecon.core.units import hu_to_unit
-from ctrecon.core.io import (Scan, atomic_output, load_scan, load_volume, read_volume, save_scan, save_volume,
-                             write_json)
+from ctrecon.core.io import (Scan, SkippedSlicesWarning, atomic_output, load_scan, load_volume, read_volume, save_scan,
+                             save_volume, write_json)
 
 CT_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct"
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -228,6 +228,24 @@ def test_dicom_refusals(tmp_path, volume_lps):
         path = sorted(garbled.glob("*.dcm"))[end]
         path.write_bytes(os.urandom(300))
         one_line_error(load_volume, garbled, match=f"{path.name} cannot be read")
+
+    # ...unless the user asks to skip them: then they are left out with a warning that names them
+    whole = read_volume(series("whole", shuffle=False))
+    both = series("both", shuffle=False)
+    files = sorted(both.glob("*.dcm"))
+    ds = pydicom.dcmread(files[0])
+    del ds.PixelData
+    ds.save_as(files[0])
+    files[-1].write_bytes(os.urandom(300))
+    with pytest.warns(SkippedSlicesWarning, match=f"left out 2 DICOM file.*{files[0].name} .*without pixel data.*"
+                                                  f"{files[-1].name} .*cannot be read"):
+        kept = read_volume(both, skip_bad_slices=True)
+    np.testing.assert_array_equal(kept.array, whole.array[1:-1])  # the slices between, in place
+    assert kept.spacing == whole.spacing
+    inner = series("inner", shuffle=False)
+    sorted(inner.glob("*.dcm"))[2].write_bytes(os.urandom(300))
+    with pytest.warns(SkippedSlicesWarning):
+        one_line_error(read_volume, inner, skip_bad_slices=True, match="missing slice")  # a hole stays an error
 
 
 def test_dicom_resample_non_uniform_and_missing(tmp_path):
@@ -701,3 +719,19 @@ def test_real_nifti_save_round_trip(real, tmp_path):
     ras = source.affine @ [*centre, 1]
     index_zyx = np.linalg.solve(nib.load(tmp_path / "copy.nii.gz").affine, ras)[:3][::-1]
     assert source.get_fdata()[tuple(centre)] == copy.array[tuple(np.rint(index_zyx).astype(int))]
+
+
+def test_cli_skip_bad_slices_names_the_files_it_left_out(tmp_path, volume_lps):
+    from cli_helpers import run_cli
+
+    folder = tmp_path / "series"
+    paths = write_series(folder, volume_lps)
+    paths[0].write_bytes(os.urandom(300))  # the first slice of the stack is damaged
+    code, _, err = run_cli(["simulate", folder, "--views", 8, "--out", tmp_path / "refused.npz"])
+    assert code == 2 and err.count("\n") == 1 and "--skip-bad-slices" in err and paths[0].name in err, err
+    assert not (tmp_path / "refused.npz").exists()
+    code, stdout, err = run_cli(["simulate", folder, "--views", 8, "--skip-bad-slices", "--out", tmp_path / "scan.npz"])
+    assert code == 0, err
+    assert err.splitlines() == [f"ctrecon: warning: {folder}: left out 1 DICOM file(s) of the series: "
+                                f"{paths[0].name} cannot be read (damaged or not DICOM)"]
+    assert load_scan(tmp_path / "scan.npz").ground_truth.shape[0] == volume_lps.shape[0] - 1

@@ -37,7 +37,7 @@ from ctrecon.core.limits import check_memory
 from ctrecon.core.geometry import ConeBeamGeometry
 
 __all__ = ["VolumeData", "read_volume", "load_volume", "save_volume", "Scan", "load_scan", "save_scan",
-           "atomic_output", "atomic_outputs", "atomic_folder", "writable_folder", "write_json"]
+           "atomic_output", "atomic_outputs", "atomic_folder", "writable_folder", "write_json", "SkippedSlicesWarning"]
 
 # Array axis 0 -> world z, 1 -> world y, 2 -> world x, each increasing along +LPS (nibabel ornt form).
 _ZYX_LPS_ORNT = np.array([[2, 1], [1, 1], [0, 1]])
@@ -213,15 +213,19 @@ def load_volume(path, *, allow_resample: bool = False, spacing=None) -> tuple:
     return volume.array, volume.spacing
 
 
-def read_volume(path, *, allow_resample: bool = False, spacing=None) -> VolumeData:
-    """Like :func:`load_volume`, returning :class:`VolumeData` (array, spacing, origin, description)."""
+def read_volume(path, *, allow_resample: bool = False, spacing=None, skip_bad_slices: bool = False) -> VolumeData:
+    """Like :func:`load_volume`, returning :class:`VolumeData` (array, spacing, origin, description).
+
+    skip_bad_slices (DICOM): leave out the files of the series that cannot be read or hold no pixel data,
+    with a :class:`SkippedSlicesWarning` naming them (else each is an InputError); a skipped slice inside
+    the stack still fails as a gap unless ``allow_resample``."""
     source = Path(path)
     name = source.name.lower()
     if not source.exists():
         raise InputError(f"volume not found: {source}")
     if source.is_dir() or name.endswith(_DICOM_SUFFIXES) or (source.is_file() and _has_dicom_magic(source)):
         _refuse_spacing(spacing, source)
-        volume = _read_dicom(source, allow_resample)
+        volume = _read_dicom(source, allow_resample, skip_bad_slices)
     elif name.endswith(_NIFTI_SUFFIXES):
         _refuse_spacing(spacing, source)
         volume = _read_nifti(source)
@@ -475,7 +479,12 @@ def _read_npz_volume(source: Path, spacing) -> VolumeData:
 
 
 # ----------------------------------------------------------------------------- DICOM
-def _read_dicom(source: Path, allow_resample: bool) -> VolumeData:
+_SKIP_ADVICE = "remove or replace it, or skip such files (--skip-bad-slices)"
+class SkippedSlicesWarning(UserWarning):
+    """Files of a DICOM series left out by ``read_volume(..., skip_bad_slices=True)``."""
+
+
+def _read_dicom(source: Path, allow_resample: bool, skip_bad: bool = False) -> VolumeData:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -486,7 +495,13 @@ def _read_dicom(source: Path, allow_resample: bool) -> VolumeData:
             wanted_series = pydicom.dcmread(source, stop_before_pixels=True).get("SeriesInstanceUID")
         except (InvalidDicomError, OSError, EOFError, ValueError) as err:
             raise InputError(f"cannot read DICOM file {source}: {err}") from None
-    slices = []
+    slices, skipped = [], []
+
+    def bad_slice(path: Path, what: str, advice: str) -> None:
+        if not skip_bad:
+            raise InputError(f"DICOM file {path} {what}; the series would lose a slice: {advice}")
+        skipped.append(f"{path.name} {what}")
+
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         try:
             dataset = pydicom.dcmread(path)
@@ -499,21 +514,22 @@ def _read_dicom(source: Path, allow_resample: bool) -> VolumeData:
                 dataset = None
             if dataset is None or "ImagePositionPatient" not in dataset:
                 if path.suffix.lower() in _DICOM_SUFFIXES:  # ...unless it is named as a slice of it
-                    raise InputError(f"DICOM file {path} cannot be read (damaged or not DICOM); the series would "
-                                     "lose a slice: remove or replace it")
+                    bad_slice(path, "cannot be read (damaged or not DICOM)", _SKIP_ADVICE)
                 continue
         except (OSError, EOFError, ValueError, KeyError) as err:
             raise InputError(f"cannot read DICOM file {path}: {err}") from None
         if "PixelData" not in dataset:
             if "ImagePositionPatient" in dataset and (wanted_series is None
                                                       or dataset.get("SeriesInstanceUID") == wanted_series):
-                raise InputError(f"DICOM file {path} is a slice of the series without pixel data; the series would "
-                                 "lose a slice: remove or replace it")
+                bad_slice(path, "is a slice of the series without pixel data", _SKIP_ADVICE)
             continue  # DICOMDIR, reports, ...
         if wanted_series is None or dataset.get("SeriesInstanceUID") == wanted_series:
             slices.append((path, dataset))
     if not slices:
         raise InputError(f"no DICOM images found in {folder}")
+    if skipped:
+        warnings.warn(SkippedSlicesWarning(f"{folder}: left out {len(skipped)} DICOM file(s) of the series: "
+                                           + "; ".join(skipped)), stacklevel=3)
     return _stack_dicom(slices, folder, allow_resample)
 
 
