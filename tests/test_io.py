@@ -459,6 +459,30 @@ def test_atomic_output_replaces_on_success_only(tmp_path):
     one_line_error(lambda: atomic_output(tmp_path).__enter__(), match="is a folder")
 
 
+def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
+    """kill -9 in the middle of a write leaves its temporary; the next write of the same file removes it,
+    but never the temporary of a writer that still runs."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "result.json"
+    writer = ("import sys, time\nfrom ctrecon.core.io import atomic_output\n"
+              "with atomic_output(sys.argv[1]) as temp:\n"
+              "    temp.write_text('partial'); print('writing', flush=True); time.sleep(120)\n")
+    process = subprocess.Popen([sys.executable, "-c", writer, str(target)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "writing"
+        write_json(target, {"run": 1})  # a live writer's temporary stays
+        assert len(list(tmp_path.glob(".tmp-*-result.json"))) == 1
+    finally:
+        process.kill()
+        process.wait()
+    assert len(list(tmp_path.glob(".tmp-*-result.json"))) == 1  # what SIGKILL leaves
+    write_json(target, {"run": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+    assert json.loads(target.read_text()) == {"run": 2}
+
+
 def test_atomic_folder_replaces_as_a_whole_or_not_at_all(tmp_path):
     from ctrecon.core.io import atomic_folder
 

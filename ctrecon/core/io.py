@@ -54,7 +54,9 @@ _SCAN_REQUIRED = ("projections", "angles", "geometry")
 def atomic_output(path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (ending in the same name, so writers that dispatch on
     the extension, e.g. ``.nii.gz``, behave the same); on success it replaces ``path``, on an
-    exception it is removed and an existing ``path`` is left untouched.
+    exception it is removed and an existing ``path`` is left untouched. The temporary's name holds the
+    writer's process id, so one left by a killed writer (SIGKILL, power loss) is removed by the next write
+    of the same ``path`` on this machine.
     """
     target = Path(path)
     folder = target.parent
@@ -62,8 +64,9 @@ def atomic_output(path) -> Iterator[Path]:
         raise InputError(f"output path is a folder, expected a file name: {target}")
     if not folder.is_dir():
         raise InputError(f"output folder does not exist: {folder}")
+    _remove_dead_writers_temporaries(folder, target.name)
     while True:  # O_EXCL guarantees a fresh file; the mode follows the umask like a normal write
-        temp = folder / f".tmp-{secrets.token_hex(4)}-{target.name}"
+        temp = folder / f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{target.name}"
         try:
             os.close(os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
             break
@@ -78,6 +81,26 @@ def atomic_output(path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise
+
+
+def _remove_dead_writers_temporaries(folder: Path, name: str) -> None:
+    """Remove ``.tmp-<pid>-<token>-<name>`` files in ``folder`` whose writing process no longer runs."""
+    for stale in folder.glob(f".tmp-*-*-{name}"):
+        pid = stale.name[len(".tmp-"):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            stale.unlink()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 @contextlib.contextmanager
