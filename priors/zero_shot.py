@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from ctrecon.core.errors import InputError
+from ctrecon.core.limits import check_memory
 from ctrecon.core.geometry import VolumeGeometry
 from ctrecon.core.paths import data_file
 from ctrecon.core.units import HU_MAX, HU_MIN, hu_to_unit, unit_to_hu
@@ -243,6 +244,10 @@ def infer_field(volume, volume_geometry: VolumeGeometry, model: torch.nn.Module,
     model = model.to(device).eval()
 
     grid = _work_grid(volume_geometry, metadata["voxel_spacing_mm"], config.resample)
+    check_memory(4 * 3 * math.prod(grid.nVoxel), f"the volume resampled to the prior's voxel spacing "
+                 f"({'x'.join(map(str, grid.nVoxel))} voxels at {grid.dVoxel[0]:.3g} mm)",
+                 "use a prior trained at a coarser spacing, or cut windows at the volume's own spacing "
+                 "(no resampling)")
     windowed = to_prior_window(unit, window_hu)
     if grid is not volume_geometry:
         windowed = resample_to_grid(windowed, volume_geometry, grid)

@@ -541,3 +541,15 @@ def test_ramp_weighted_error_measures_the_volume_error_at_every_frequency():
 def test_held_out_views_must_leave_enough_to_fit(scan, changes, message):
     with pytest.raises(InputError, match=message):
         reconstruct(scan, init="fbp", config=small_config(**changes), seed=0)
+
+
+def test_a_grid_beyond_the_memory_is_refused_before_any_work(scan_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("CTRECON_MEMORY_BYTES", str(4 * 2 * N_VOXELS ** 3 - 1))  # less than two volumes
+    for command, what in ((["reconstruct", scan_file, "--out", tmp_path / "run"], "3DGR-CT"),
+                          (["reconstruct", scan_file, "--method", "cgls", "--iters", 2, "--out", tmp_path / "run"],
+                           "cgls"),
+                          (["fdk", scan_file, "--out", tmp_path / "fdk.nii.gz"], "FDK")):
+        code, _, err = run_cli(command)
+        assert code == 2 and err.startswith(f"ctrecon: error: {what}") and "16x16x16 voxel grid" in err, err
+        assert err.count("\n") == 1 and "coarser grid" in err
+    assert list(tmp_path.iterdir()) == []

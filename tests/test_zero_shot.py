@@ -202,13 +202,13 @@ def test_window_layout_covers_the_grid_and_is_centred():
         assert starts[0] <= 0 and starts[-1] + 32 >= n
 
 
-def tiny_prior_file(path, architecture="medgmae-star", crop=16, seed=0):
+def tiny_prior_file(path, architecture="medgmae-star", crop=16, seed=0, spacing_mm=3.0):
     torch.manual_seed(seed)
     cfg = ModelConfig(architecture=architecture, crop_size=crop, patch_size=8, encoder_dim=24, encoder_depth=1,
                       encoder_heads=2, decoder_dim=12, decoder_depth=1, decoder_heads=2, n_gaussians=8,
                       levels=(2, 3), max_scale=0.25)
     model = build_model(cfg)
-    data_cfg = DataConfig(spacing_mm=3.0, window_hu=(-1024.0, 3071.0), crop_size=crop)
+    data_cfg = DataConfig(spacing_mm=spacing_mm, window_hu=(-1024.0, 3071.0), crop_size=crop)
     save_prior(path, model, prior_metadata(cfg, data_cfg, {"root": "test", "n_volumes": 0}, step=0))
     return path
 
@@ -402,3 +402,13 @@ def test_cli_infer_writes_gaussians_and_rendering(tmp_path):
     assert code == 2 and stderr.count("\n") == 1 and "blocker" in stderr, stderr
     assert out.read_bytes() == b"an earlier result"  # left as it was: no new .npz without its rendering
     assert sorted(p.name for p in out.parent.iterdir()) == ["gaussians.npz"]
+
+
+def test_a_prior_spacing_too_fine_for_the_memory_is_refused_before_resampling(tmp_path):
+    fine = tiny_prior_file(tmp_path / "fine.pt", spacing_mm=0.01)
+    grid = VolumeGeometry((10, 20, 18), (3.0, 3.0, 3.0))
+    save_volume(tmp_path / "ct.nii.gz", smooth_volume(grid.nVoxel, seed=2) * 4095 - 1024, grid.dVoxel)
+    code, _, err = run_cli(["infer", tmp_path / "ct.nii.gz", "--prior", fine, "--out", tmp_path / "g.npz",
+                            "--device", "cpu"])
+    assert code == 2 and err.count("\n") == 1 and "3000x6000x5400 voxels at 0.01 mm" in err, err
+    assert "no resampling" in err and not (tmp_path / "g.npz").exists()

@@ -5,11 +5,12 @@ the option that makes it smaller, instead of running until the memory is gone.
 """
 from __future__ import annotations
 
+import math
 import os
 
 from ctrecon.core.errors import InputError
 
-__all__ = ["physical_memory", "check_memory"]
+__all__ = ["physical_memory", "check_memory", "check_grid_memory"]
 
 
 def physical_memory() -> int:
@@ -26,3 +27,11 @@ def check_memory(n_bytes: float, what: str, remedy: str) -> None:
     if n_bytes > available:
         raise InputError(f"{what} needs about {n_bytes / 2 ** 30:.3g} GiB, more than this machine's "
                          f"{available / 2 ** 30:.3g} GiB; {remedy}")
+
+
+def check_grid_memory(n_voxels, copies: int, what: str) -> None:
+    """InputError when ``copies`` float32 volumes of the grid ``n_voxels`` (Z, Y, X) exceed the memory (a
+    lower bound of what ``what`` allocates on the scan's reconstruction grid)."""
+    check_memory(4 * copies * math.prod(int(n) for n in n_voxels),
+                 f"{what} on the scan's {'x'.join(str(int(n)) for n in n_voxels)} voxel grid",
+                 "make the scan on a coarser grid (simulate --spacing or --shape)")

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ctrecon.core.errors import InputError
+from ctrecon.core.limits import check_grid_memory
 from ctrecon.core.geometry import TWO_PI, ConeBeamGeometry
 from ctrecon.operators import _backend
 
@@ -295,6 +296,7 @@ def fdk(projections, geometry: ConeBeamGeometry, filter: str = "ram-lak", *, dev
     (half-fan scans need extra redundancy weights); the detector should cover the object from every view.
     """
     name = _check_filter(filter)
+    check_grid_memory(geometry.nVoxel, 2, "FDK")
     data = _as_projection_tensor(projections, geometry, device)
     _check_detector_sees_volume(geometry)
     pre_weights = cosine_weights(geometry)[None, :, :] * redundancy_weights(geometry)[:, None, :]

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ctrecon.core.errors import InputError
+from ctrecon.core.limits import check_grid_memory
 from ctrecon.methods.classical import DEFAULT_TV_WEIGHT
 from ctrecon.pipeline.reconstruct import (EvaluationSettings, NonFiniteLossError, Progress, ReconstructResult,
                                           StoppingSettings, finite_number, validate_evaluation)
@@ -166,6 +167,7 @@ def reconstruct_classical(scan, *, config: ClassicalConfig | None = None, device
     config = (config or ClassicalConfig()).validate()
     device = torch.device(device)
     method, iterations = config.solver.name, config.iteration_cap
+    check_grid_memory(scan.geometry.nVoxel, 2 if method == "fdk" else 6, method)
     projections = torch.as_tensor(np.asarray(scan.projections, dtype=np.float32), device=device)
     projector = Projector(scan.geometry)
     start, init_seconds = None, 0.0

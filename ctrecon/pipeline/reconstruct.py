@@ -101,6 +101,7 @@ import torch.nn.functional as F
 from ctrecon.core.errors import InputError
 from ctrecon.core.geometry import VolumeGeometry
 from ctrecon.core.io import Scan
+from ctrecon.core.limits import check_grid_memory
 from ctrecon.methods.gaussians.densify import ADDITIVE_GRAD_THRESHOLD, ADDITIVE_MIN_SCALE_VOXELS, ADDITIVE_SPLIT_OFFSET
 from ctrecon.operators.projector import Projector
 from ctrecon.operators.fdk import FILTERS, filter_projections, filter_response
@@ -625,6 +626,7 @@ def _check_inputs(scan, config: ReconstructConfig) -> None:
         raise InputError(f"views_per_iter ({config.schedule.views_per_iter}) exceeds the scan's {fitted} views"
                          + (f" left after holding out {held}" if held else ""))
     grid = scan.geometry.volume
+    check_grid_memory(grid.nVoxel, 4, "3DGR-CT (render, gradient, TV)")
     if scan.ground_truth is not None and tuple(np.shape(scan.ground_truth)) != tuple(grid.nVoxel):
         raise InputError(f"ground truth shape {tuple(np.shape(scan.ground_truth))} differs from the grid {grid.nVoxel}")
 
