@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import pickle
 import re
 import subprocess
@@ -101,7 +102,12 @@ def _load_payload(path, map_location="cpu") -> dict:
         raise InputError(f"{path} is not a readable ctrecon checkpoint ({type(err).__name__}: {first_line})") from None
     if not isinstance(payload, dict) or payload.get("format") not in (PRIOR_FORMAT, STATE_FORMAT, MONAI_FORMAT):
         raise InputError(f"{path} is not a ctrecon checkpoint")
-    payload["metadata"] = json.loads(payload["metadata"])
+    try:
+        payload["metadata"] = json.loads(payload["metadata"])
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{path} is not a ctrecon checkpoint: its metadata is missing or not JSON") from None
+    if not isinstance(payload["metadata"], dict):
+        raise InputError(f"{path} is not a ctrecon checkpoint: its metadata is not a JSON object")
     return payload
 
 
@@ -132,11 +138,54 @@ def load_prior(path, map_location="cpu"):
     payload = _load_payload(path, map_location)
     if payload["format"] == MONAI_FORMAT:
         raise InputError(f"{path} is an encoder export, not a prior")
-    state = payload["state_dict"] if payload["format"] == PRIOR_FORMAT else payload["model"]
+    state = payload.get("state_dict" if payload["format"] == PRIOR_FORMAT else "model")
     meta = payload["metadata"]
-    model = build_model(ModelConfig.from_dict(meta["config"]))
+    _check_prior_metadata(meta, path)
+    try:
+        model = build_model(ModelConfig.from_dict(meta["config"]))
+    except (TypeError, ValueError) as err:  # InputError included
+        raise InputError(f"{path}: its model config cannot be built ({err})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{path} holds no weights (a dict of tensors)")
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise InputError(f"{path}: its weights do not belong to the model its metadata describes ({len(missing)} "
+                         f"missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise InputError(f"{path}: weight {name} has shape {tuple(tensor.shape)}, the model's is "
+                             f"{tuple(expected[name].shape)}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"{path}: weight {name} has non-finite values (NaN or Inf); the prior is damaged")
     model.load_state_dict(state)
     return model.to(map_location).eval(), meta
+
+
+def _positive_numbers(value, count: int, integer: bool = False) -> bool:
+    return (isinstance(value, list) and len(value) == count
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                    and (not integer or float(v).is_integer()) for v in value))
+
+
+def _check_prior_metadata(meta: dict, path) -> None:
+    """InputError naming the first metadata field of a prior that its users could not work with."""
+    window = meta.get("intensity_window_hu")
+    checks = [
+        ("config", isinstance(meta.get("config"), dict), "an object"),
+        ("architecture", isinstance(meta.get("architecture"), str), "a string"),
+        ("intensity_window_hu", isinstance(window, list) and len(window) == 2
+         and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in window)
+         and window[0] < window[1], "[low, high] HU with low < high"),
+        ("voxel_spacing_mm", _positive_numbers(meta.get("voxel_spacing_mm"), 3), "3 positive numbers"),
+        ("crop_size", _positive_numbers(meta.get("crop_size"), 3, integer=True), "3 positive integers"),
+        ("gaussians_per_level", isinstance(meta.get("gaussians_per_level"), list)
+         and _positive_numbers(meta["gaussians_per_level"], len(meta["gaussians_per_level"]), integer=True)
+         and len(meta["gaussians_per_level"]) > 0, "a list of positive integers"),
+    ]
+    for name, good, expected in checks:
+        if not good:
+            raise InputError(f"{path}: metadata field {name} must be {expected}, got {meta.get(name)!r}")
 
 
 def save_state(path, state: dict, metadata: dict):

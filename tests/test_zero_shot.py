@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from ctrecon.core.errors import InputError
 from ctrecon.core.geometry import ConeBeamGeometry, VolumeGeometry
 from ctrecon.methods.gaussians import GaussianField, get_initializer
 from ctrecon.core.io import Scan, load_volume, save_scan, save_volume
@@ -412,3 +413,37 @@ def test_a_prior_spacing_too_fine_for_the_memory_is_refused_before_resampling(tm
                             "--device", "cpu"])
     assert code == 2 and err.count("\n") == 1 and "3000x6000x5400 voxels at 0.01 mm" in err, err
     assert "no resampling" in err and not (tmp_path / "g.npz").exists()
+
+
+def _tampered(meta=None, state=None):
+    def change(payload):
+        metadata = json.loads(payload["metadata"])
+        if meta:
+            meta(metadata)
+        payload["metadata"] = json.dumps(metadata)
+        if state:
+            state(payload["state_dict"])
+    return change
+
+
+@pytest.mark.parametrize("change, message", [
+    (_tampered(meta=lambda m: m.pop("config")), "metadata field config must be an object"),
+    (_tampered(meta=lambda m: m.update(voxel_spacing_mm=[0, 3, 3])), "voxel_spacing_mm must be 3 positive numbers"),
+    (_tampered(meta=lambda m: m.update(crop_size=[16.5] * 3)), "crop_size must be 3 positive integers"),
+    (_tampered(meta=lambda m: m.update(intensity_window_hu=[300, -100])), "intensity_window_hu must be"),
+    (_tampered(meta=lambda m: m.update(gaussians_per_level="many")), "gaussians_per_level must be"),
+    (_tampered(meta=lambda m: m["config"].update(encoder_dim="wide")), "model config cannot be built"),
+    (_tampered(state=lambda s: s.update(extra=torch.zeros(2))), "1 unexpected, e.g. \\['extra'\\]"),
+    (_tampered(state=lambda s: s.pop(next(iter(s)))), "1 missing"),
+    (_tampered(state=lambda s: s[next(iter(s))].fill_(float("inf"))), "non-finite values .*damaged"),
+    (_tampered(state=lambda s: s.update({k: torch.zeros(3) for k in list(s)[:1]})), "has shape \\(3,\\)"),
+    (lambda payload: payload.update(metadata="{not json"), "metadata is missing or not JSON"),
+])
+def test_damaged_or_foreign_prior_files_are_refused_with_the_field_named(tmp_path, change, message):
+    path = tiny_prior_file(tmp_path / "prior.pt")
+    payload = torch.load(path, weights_only=True)
+    change(payload)
+    torch.save(payload, path)
+    with pytest.raises(InputError, match=message) as refused:
+        load_zero_shot_prior(path)
+    assert "\n" not in str(refused.value) and len(str(refused.value)) < 400
