@@ -88,6 +88,26 @@ def test_save_load_round_trip_without_pickles(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["field.npz"]  # no temporary left behind
 
 
+def test_non_finite_gaussians_are_neither_written_nor_read(tmp_path):
+    field, _ = make_field()
+    path = tmp_path / "field.npz"
+    path.write_bytes(b"an earlier field")
+    with torch.no_grad():
+        field.means[2, 1] = float("nan")
+        field.log_scales[4, 0] = float("inf")
+    with pytest.raises(InputError, match="1 Gaussian\\(s\\) have non-finite means"):
+        field.save(path)
+    assert path.read_bytes() == b"an earlier field" and len(list(tmp_path.iterdir())) == 1
+    good, _ = make_field()
+    good.save(path)
+    with np.load(path) as data:  # a file damaged after writing (NaN centres) is refused on reading
+        arrays = {name: np.array(data[name]) for name in data.files}
+    arrays["means"][0] = np.nan
+    np.savez(path, **arrays)
+    with pytest.raises(InputError, match="field.npz: 1 Gaussian\\(s\\) have non-finite means"):
+        GaussianField.load(path)
+
+
 def test_load_rejects_foreign_files(tmp_path):
     with pytest.raises(InputError, match="not found"):
         GaussianField.load(tmp_path / "missing.npz")

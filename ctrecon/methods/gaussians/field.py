@@ -57,6 +57,15 @@ def _activation(name: str):
     return INTENSITY_ACTIVATIONS[name]
 
 
+def _check_finite(arrays: dict, what: str) -> None:
+    """InputError when a parameter array (name → numpy array) holds NaN or ±Inf."""
+    for attr, values in arrays.items():
+        finite_rows = np.isfinite(values).reshape(len(values), -1).all(axis=1)
+        if not finite_rows.all():
+            raise InputError(f"{what}: {int(np.count_nonzero(~finite_rows))} Gaussian(s) have non-finite {attr} "
+                             "(NaN or Inf)")
+
+
 class GaussianField(nn.Module):
     """N Gaussians; value at x is Σ I·exp(−½ (x−μ)ᵀ Σ⁻¹ (x−μ)), Σ = R S Sᵀ Rᵀ (see ``render.py``).
 
@@ -193,6 +202,7 @@ class GaussianField(nn.Module):
                 "num_gaussians": len(self), "metadata": self.metadata}
         arrays = {attr: getattr(self, attr).detach().cpu().numpy().astype(np.float32)
                   for attr in GROUP_NAMES.values()}
+        _check_finite(arrays, f"the field to write to {path}")
         with atomic_output(path) as tmp, open(tmp, "wb") as handle:
             np.savez(handle, metadata=np.array(json.dumps(meta)), **arrays)
 
@@ -216,6 +226,7 @@ class GaussianField(nn.Module):
             raise InputError(f"{path} is not a ctrecon Gaussian file (format {meta.get('format')!r})")
         if int(meta.get("version", 0)) > FORMAT_VERSION:
             raise InputError(f"{path} was written by a newer ctrecon (format version {meta['version']})")
+        _check_finite(arrays, str(path))
         tensors = {attr: torch.as_tensor(a, dtype=dtype, device=device) for attr, a in arrays.items()}
         return cls(tensors["means"], tensors["log_scales"], tensors["quats"], tensors["raw_intensities"],
                    intensity_activation=meta["intensity_activation"], metadata=meta.get("metadata"))
