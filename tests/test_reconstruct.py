@@ -355,6 +355,13 @@ def test_cli_optimizer_default_choice_and_config_files(scan_file, tmp_path):
     assert method_of("--config", flat, "--optimizer", "preconditioned")[0] == "preconditioned"
     code, _, err = run_cli(["reconstruct", scan_file, "--iters", "0", "--out", tmp_path / "bad"])
     assert code == 2 and 'positive integer or "auto"' in err and not (tmp_path / "bad").exists()
+    densified = tmp_path / "densified"
+    assert run_cli(["reconstruct", scan_file, "--iters", 5, "--n-gaussians", 100, "--densify", "additive",
+                    "--out", densified])[0] == 0
+    density = json.loads((densified / "config.json").read_text())["config"]["density"]
+    assert density["strategy"] == "additive" and density["densify_grad_threshold"] == 0.055  # the method's own
+    code, _, err = run_cli(["reconstruct", scan_file, "--densify", "additive", "--no-densify", "--out", tmp_path / "x"])
+    assert code == 2 and "contradict" in err and not (tmp_path / "x").exists()
 
 
 def test_cli_validation_views_stop_and_say_which_state_they_return(scan, tmp_path):
