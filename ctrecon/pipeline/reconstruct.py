@@ -40,7 +40,8 @@ rules, the cap), ``evaluation`` (when, thresholds, timing) and ``stopping``. The
   adds TV of the rendered volume at ``lambda_tv`` = 1e-3 (:data:`PRECONDITIONED_TV`; it keeps the
   filtered step from fitting noise and helps noiseless scans too).
   Measured on development CT (data/README.md): from the same fbp field, 35 dB in ~150 iterations
-  where 3DGR-CT's optimiser at 10 views per iteration peaks near 33 dB and then falls.
+  (50 with the TV term) where 3DGR-CT's optimiser at 10 views per iteration peaks near 33 dB and then
+  falls; with the TV term it keeps rising on noisy scans, where without it the filtered step fits noise.
 * **Loss**: MSE between predicted and measured projections (3DGR-CT), or L1; optional
   ``lambda_dssim``·(1 − SSIM) over the projection images (R²-Gaussian's D-SSIM) and ``lambda_tv``·TV of
   the rendered volume (3DGR-CT's anisotropic TV: mean |forward difference| summed over the three
