@@ -5,14 +5,19 @@ Every (case, optimiser, initialisation) run reconstructs the same simulated scan
 the library's settings of that optimiser (``ReconstructConfig.from_dict({"method": ...})``) up to the
 same iteration cap, evaluated every ``--eval-every`` iterations; the runs share the machine in
 ``--jobs`` worker processes of one thread each (start them together, so their seconds compare).
-Reported per run: iterations and optimisation seconds to each threshold, the quality at the cap,
-seconds per iteration, the Gaussian count, peak RSS of its process, and where the residual rule of
-``iterations="auto"`` would have stopped (the quality there, from the nearest evaluation not after it);
-per initialisation the ratio of the 3dgr optimiser's iterations and seconds to the preconditioned one's.
+``--variant NAME=JSON`` adds arms of other settings (over their method's defaults), so a change is
+measured against the defaults in one run. Reported per run: iterations and optimisation seconds to each
+threshold, the quality at the cap, the peak PSNR and the largest fall between evaluations after
+iteration 100, seconds per iteration, the Gaussian count, peak RSS of its process, and where the
+residual rule of ``iterations="auto"`` would have stopped (the quality there, from the nearest
+evaluation not after it); per initialisation the ratio of the 3dgr optimiser's iterations and seconds
+to the preconditioned one's.
 
     python scripts/bench_convergence.py --out out/conv                        # held-out abdomen, 120 views
     python scripts/bench_convergence.py --case lung1=../shared/data/ct/chest_pyradiomics_lung1.nii.gz \\
         --spacing 3 --dose 1e5 --out out/conv_dev_noisy
+    python scripts/bench_convergence.py --case lung1=../shared/data/ct/chest_pyradiomics_lung1.nii.gz \\
+        --spacing 3 --inits fbp --iters 600 --variant 'notv={"lambda_tv": 0}' --out out/dev_tv
 
 Cases: NAME=PATH of a CT volume in HU, resampled to ``--spacing`` mm when given, then centre-cropped
 to ``--crop``. The default case is the held-out abdomen (``abdomen_ts_example``, 3 mm): report on it,
