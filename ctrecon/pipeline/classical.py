@@ -167,7 +167,8 @@ def reconstruct_classical(scan, *, config: ClassicalConfig | None = None, device
     config = (config or ClassicalConfig()).validate()
     device = torch.device(device)
     method, iterations = config.solver.name, config.iteration_cap
-    check_grid_memory(scan.geometry.nVoxel, 2 if method == "fdk" else 6, method)
+    if method != "fdk":  # fdk() makes its own estimate
+        check_grid_memory(scan.geometry.nVoxel, 6, method)
     projections = torch.as_tensor(np.asarray(scan.projections, dtype=np.float32), device=device)
     projector = Projector(scan.geometry)
     start, init_seconds = None, 0.0

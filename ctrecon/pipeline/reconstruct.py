@@ -686,8 +686,8 @@ class Trainer:
         self.coarse = {}  # sub-lattice offset -> (grid, projector), built on first use
         n_views, k = self.geometry.n_angles, config.views_per_step(self.geometry.n_angles)
         self.views = _ViewCycle(n_views, k, generator) if 0 < k < n_views else None
-        self.held_out = held_out is not None
-        if self.held_out:
+        self.held_projector = self.held_target = None  # the held-out views' projector and measurements
+        if held_out is not None:
             projections, held_geometry = held_out
             self.held_projector = Projector(held_geometry)
             self.held_target = torch.as_tensor(np.asarray(projections, dtype=np.float32),
@@ -800,7 +800,7 @@ class Trainer:
         the optimisation time), remembering the state of the lowest; the stop reason once
         ``validation_patience`` checks in a row found none lower, else None."""
         stopping = self.config.stopping
-        if not self.held_out or iteration % stopping.validation_every:
+        if self.held_projector is None or iteration % stopping.validation_every:
             return None
         self.clock.begin_phase()
         with torch.no_grad():
