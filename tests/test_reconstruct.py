@@ -575,7 +575,12 @@ def test_the_default_tv_keeps_the_preconditioned_step_from_fitting_noise():
     scan = Scan(noisy, geometry.angles, geometry, truth)
     settings = {"method": "preconditioned", "iterations": 200, "n_gaussians": 1500, "eval_every": 50,
                 "views_per_iter": 0}
-    assert ReconstructConfig.from_dict(settings).optimizer.lambda_tv == 1e-3
+    config = ReconstructConfig.from_dict(settings)
+    assert config.optimizer.lambda_tv == "auto"
+    assert [config.for_initializer(name).optimizer.lambda_tv for name in ("fbp", "medgmae", "medgmae-star")] == \
+        [1e-3, 3e-4, 1e-3]
+    assert ReconstructConfig.from_dict({**settings, "lambda_tv": 0.01}).for_initializer("medgmae").optimizer.lambda_tv \
+        == 0.01                                                           # explicit wins
     curves = {}
     for name, extra in (("default", {}), ("no tv", {"lambda_tv": 0.0})):
         result = reconstruct(scan, init="fbp", config=ReconstructConfig.from_dict({**settings, **extra}), seed=0)
