@@ -26,6 +26,7 @@ setup(
         "numpy>=1.23",
         "scipy>=1.10",
         "nibabel>=5.0",
+        "pillow>=9",
         "pydicom>=2.4",
         "click>=8.1",
         "tqdm>=4.60",
@@ -33,6 +34,9 @@ setup(
         "ninja>=1.11",
     ],
     # monai + einops: the encoder-export test loads our weights into MONAI's ViT/UNETR (an independent check).
-    extras_require={"test": ["pytest>=7", "scikit-image>=0.21", "monai>=1.4", "einops>=0.7"]},
+    # itk-rtk: RTK's geometry, Joseph projector and FDK check ours (tests skip without it; scripts/install.sh
+    # installs it where pip can).
+    extras_require={"test": ["pytest>=7", "scikit-image>=0.21", "monai>=1.4", "einops>=0.7"],
+                    "rtk": ["itk-rtk>=2.5"]},
     entry_points={"console_scripts": ["ctrecon=ctrecon.cli:main"]},
 )

@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "VolumeGeometry": "core.geometry",
     "ConeBeamGeometry": "core.geometry",
+    "ConeVecGeometry": "core.geometry",
     "InputError": "core.errors",
     "Projector": "operators.projector",
     "load_scan": "core.io",
@@ -22,6 +23,7 @@ _EXPORTS = {
     "save_volume": "core.io",
     "Scan": "core.io",
     "simulate_scan": "pipeline.simulate",
+    "import_scan": "pipeline.importer",
     "psnr": "pipeline.metrics",
     "ssim3d": "pipeline.metrics",
     "ssim_slice": "pipeline.metrics",

@@ -196,6 +196,103 @@ def simulate(volume, views, arc, dose, electronic_sigma, mu_water, shape, spacin
     click.echo(f"wrote {out} in {time.perf_counter() - start:.1f} s")
 
 
+@cli.command("import")
+@click.argument("projections", type=click.Path(dir_okay=True))
+@click.option("--geometry", "geometry_path", required=True, type=click.Path(dir_okay=False),
+              help="Geometry file: an RTK geometry .xml (ThreeDCircularProjectionGeometry), or a .json "
+                   "(ctrecon's own, or a TIGRE geo with angles in radians).")
+@click.option("--angles", default=None, type=click.Path(dir_okay=False),
+              help="Text file of gantry angles (one per projection) when the geometry file has none.")
+@click.option("--angles-unit", default="deg", show_default=True, type=click.Choice(["deg", "rad"]),
+              help="Unit of --angles.")
+@click.option("--flat", default=None, type=click.Path(dir_okay=True),
+              help="Flat field (no object): an image, or a stack averaged over its frames. The projections are "
+                   "then intensities, p = -log((I - dark) / (flat - dark)).")
+@click.option("--dark", default=None, type=click.Path(dir_okay=True), help="Dark field (no beam), like --flat.")
+@click.option("--i0", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Unattenuated intensity (counts) instead of a flat field.")
+@click.option("--min-transmission", default=1e-6, show_default=True,
+              type=click.FloatRange(min=0, min_open=True, max=1),
+              help="Transmissions below this (dead pixels, photon starvation) are clipped to it and counted.")
+@click.option("--pixel-size", default=None, metavar="DV,DU",
+              help="Detector pixel size in mm (rows, columns) where the image files carry no spacing.")
+@click.option("--volume-shape", default=None, metavar="Z,Y,X", help="Voxels of the reconstruction grid.")
+@click.option("--voxel-size", default=None, metavar="MM",
+              help="Voxel size of the grid in mm, one number or DZ,DY,DX [default: the detector pitch at the "
+                   "isocentre; the grid covers the field of view every view sees].")
+@click.option("--mu-water", default=0.0192, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Attenuation of water (1/mm) at the scan's effective energy: the scale between physical "
+                   "line integrals and ctrecon's unit attenuation.")
+@click.option("--line-integral-units", default="physical", show_default=True,
+              type=click.Choice(["physical", "unit"]),
+              help="Without --flat/--i0 the stack holds line integrals: physical (integral of mu in 1/mm, "
+                   "as scanners, RTK and TIGRE write them) or ctrecon's unit attenuation x mm.")
+@click.option("--raw-dtype", default=None, help="Headerless raw stack: element type, e.g. uint16, float32.")
+@click.option("--raw-shape", default=None, metavar="A,V,U", help="Headerless raw stack: views, rows, columns.")
+@click.option("--raw-offset", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Headerless raw stack: bytes to skip at the start.")
+@click.option("--byte-order", default="little", show_default=True, type=click.Choice(["little", "big"]),
+              help="Headerless raw stack: byte order.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Scan file to write (.npz); its folder is created when missing.")
+@common_options
+def import_command(projections, geometry_path, angles, angles_unit, flat, dark, i0, min_transmission, pixel_size,
+                   volume_shape, voxel_size, mu_water, line_integral_units, raw_dtype, raw_shape, raw_offset,
+                   byte_order, out, device, seed):
+    """Import measured projections (a scanner's or another toolkit's) as a scan file.
+
+    PROJECTIONS is a folder of TIFF/PNG images (one per view, natural order), a multi-page TIFF, a
+    MetaImage .mha/.mhd or NIfTI stack (x = detector column, y = row, z = view), a .npy [views, rows,
+    columns], or a headerless raw file (--raw-dtype, --raw-shape). The scan has no ground truth: every
+    other command takes it (FDK needs a circular orbit; other geometries reconstruct with
+    reconstruct --method sart|os-sart|cgls|fista-tv).
+
+    \b
+    Examples:
+      ctrecon import projections/ --flat flat.tif --dark dark.tif --geometry geometry.xml \\
+          --pixel-size 0.4,0.4 --out scan.npz
+      ctrecon import projections.mha --geometry geometry.xml --out scan.npz      # RTK line integrals
+      ctrecon import stack.raw --raw-dtype uint16 --raw-shape 360,256,512 --i0 60000 \\
+          --geometry geo.json --angles angles.txt --volume-shape 128,256,256 --voxel-size 0.5 --out scan.npz
+    """
+    import time
+
+    from ctrecon.core.io import save_scan
+    from ctrecon.pipeline.importer import import_scan
+
+    out = _checked_output(out, (".npz",), "scan")
+    if (raw_dtype is None) != (raw_shape is None):
+        raise InputError("a headerless raw stack needs both --raw-dtype and --raw-shape")
+    if raw_dtype is not None:
+        try:
+            import numpy as np
+
+            np.dtype(raw_dtype)
+        except TypeError:
+            raise InputError(f"--raw-dtype {raw_dtype!r} is not a numpy element type (e.g. uint16, float32)") from None
+    start = time.perf_counter()
+    scan, summary = import_scan(
+        projections, geometry_path, flat=flat, dark=dark, i0=i0, min_transmission=min_transmission, angles=angles,
+        angles_unit=angles_unit,
+        pixel_size=None if pixel_size is None else _parse_numbers(pixel_size, "--pixel-size", count=2, kind=float),
+        volume_shape=None if volume_shape is None else _parse_numbers(volume_shape, "--volume-shape", count=3, kind=int),
+        voxel_size=None if voxel_size is None else _parse_numbers(voxel_size, "--voxel-size", count=3, kind=float,
+                                                                  allow_single=True),
+        mu_water=mu_water, line_integral_units=line_integral_units, raw_dtype=raw_dtype,
+        raw_shape=None if raw_shape is None else _parse_numbers(raw_shape, "--raw-shape", count=3, kind=int),
+        raw_offset=raw_offset, byte_order=byte_order)
+    _create_parent(out)
+    save_scan(out, scan)
+    geometry = scan.geometry
+    click.echo(f"{summary['projection_files']}: {summary['n_views']} views of {_shape_text(geometry.nDetector)} pixels")
+    click.echo(f"line integrals: {summary['conversion']}"
+               + (f"; {summary['clipped_transmissions']} transmissions below {min_transmission:g} clipped"
+                  if summary["min_transmission"] is not None else ""))
+    click.echo(f"geometry: {summary['geometry_format']} ({summary['geometry_kind']}); grid {_shape_text(geometry.nVoxel)} "
+               f"voxels at {_shape_text(geometry.dVoxel, '.3g')} mm (from the {summary['grid']['from']})")
+    click.echo(f"wrote {out} in {time.perf_counter() - start:.1f} s")
+
+
 def _shape_text(values, spec: str = "d") -> str:
     return "x".join(format(v, spec) for v in values)
 
@@ -471,7 +568,7 @@ def _prior_initializers(inits, prior) -> tuple:
 @click.option("--loss", type=click.Choice(["mse", "l1"]), default=None, help="Projection loss [default: mse].")
 @click.option("--dssim", type=float, default=None, help="Weight of D-SSIM over projections [default: 0].")
 @click.option("--tv", type=float, default=None,
-              help="Weight of 3-D TV of the volume [default: 1e-3 (preconditioned), 0 (3dgr)].")
+              help="Weight of 3-D TV of the volume [default: preconditioned 1e-3, from --init medgmae 3e-4; 3dgr 0].")
 @click.option("--coarse-iters", type=int, default=None,
               help="First iterations at half resolution (3DGR-CT low-res stage) [default: 0].")
 @click.option("--optimizer", type=click.Choice(["preconditioned", "3dgr"]), default=None, help=OPTIMIZER_HELP)
@@ -516,6 +613,7 @@ def reconstruct(scan_path, method, init, init_gaussians, prior, init_options, it
     from tqdm import tqdm
 
     from ctrecon.core.io import load_scan
+    from ctrecon.operators.fdk import check_circular
     from ctrecon.pipeline.metrics import threshold_label
     from ctrecon.pipeline.reconstruct import NonFiniteLossError
     from ctrecon.pipeline.runs import RUN_FILES, GAUSSIANS_FILE, check_run_folder, write_run
@@ -551,6 +649,8 @@ def reconstruct(scan_path, method, init, init_gaussians, prior, init_options, it
                                                     {**common, "subsets": subsets, "relaxation": relaxation,
                                                      "tv_weight": tv_weight}, device, seed)
     scan = load_scan(scan_path)
+    if method in ("3dgr", "fdk") or init == "fdk":
+        check_circular(scan.geometry)  # every Gaussian initialiser, and the fdk method and start, begin with FDK
     if scan.ground_truth is None:
         click.echo("note: the scan has no ground truth; PSNR/SSIM and thresholds are not computed", err=True)
 

@@ -145,14 +145,10 @@ def rtk_images(geometry, voxels):
     import itk
     from itk import RTK as rtk
 
+    from ctrecon.core.geometry_files import rtk_volume_image
+
     image_type = itk.Image[itk.F, 3]
-    # RTK rotates about its y axis with the source at (0, 0, SID) at angle 0: our (x, y, z) is RTK's
-    # (Z, X, Y), so the RTK array [Z][Y][X] is our volume transposed to [x][z][y].
-    volume = itk.GetImageFromArray(np.ascontiguousarray(voxels.numpy().transpose(2, 0, 1)))
-    dz, dy, dx = geometry.dVoxel
-    volume.SetSpacing([dy, dz, dx])
-    first = geometry.volume.voxel_centres()[0, 0, 0]
-    volume.SetOrigin([first[1], first[2], first[0]])
+    volume = rtk_volume_image(voxels.numpy(), geometry.volume)  # ctrecon (x, y, z) is RTK's (Z, X, Y)
     rtk_geometry = rtk.ThreeDCircularProjectionGeometry.New()
     for angle in geometry.angles:
         rtk_geometry.AddProjection(geometry.DSO, geometry.DSD, math.degrees(angle), 0.0, 0.0)
@@ -176,6 +172,8 @@ def bench_rtk(geometry, voxels, exact, ours, repeats, threads):
     :func:`bench_projector`: our projection of ``voxels`` and our adjoint applied to ``exact``)."""
     import itk
     from itk import RTK as rtk
+
+    from ctrecon.core.geometry_files import volume_from_rtk
 
     if threads:
         itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(threads)
@@ -203,7 +201,7 @@ def bench_rtk(geometry, voxels, exact, ours, repeats, threads):
     measured.CopyInformation(stack.GetOutput())
     adjoint_wall, adjoint_cpu, backprojection = time_joseph(
         rtk.JosephBackProjectionImageFilter, empty_volume.GetOutput(), measured,
-        layout=lambda array: array.transpose(1, 2, 0))  # RTK [x][z][y] -> ours [z][y][x]
+        layout=volume_from_rtk)
     support = voxels.numpy() != 0
     return {"backend": "itk-rtk", "forward_s": forward_wall, "forward_cpu_s": forward_cpu, "adjoint_s": adjoint_wall,
             "adjoint_cpu_s": adjoint_cpu,

@@ -20,3 +20,5 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   fi
 fi
 "$PY" -m pip install -e ".[test]"
+# The RTK cross-checks (tests/test_geometry_files.py) are optional: without itk-rtk they skip.
+"$PY" -m pip install -e ".[rtk]" || echo "install.sh: itk-rtk could not be installed: the RTK cross-checks will skip"

@@ -258,7 +258,7 @@ def test_bad_input_is_rejected():
         A(torch.zeros(steep_geometry().nVoxel, dtype=torch.int64))
     with pytest.raises(InputError, match="shape"):
         A.T(torch.zeros(9, 7, 8))
-    with pytest.raises(InputError, match="ConeBeamGeometry"):
+    with pytest.raises(InputError, match="ScanGeometry"):
         Projector(steep_geometry().volume)
     with pytest.raises(InputError, match="backend"):
         Projector(steep_geometry(), backend="gpu")

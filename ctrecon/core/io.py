@@ -34,7 +34,7 @@ import numpy as np
 
 from ctrecon.core.errors import InputError
 from ctrecon.core.limits import check_memory
-from ctrecon.core.geometry import ConeBeamGeometry
+from ctrecon.core.geometry import ScanGeometry, geometry_from_dict
 
 __all__ = ["VolumeData", "read_volume", "load_volume", "save_volume", "Scan", "load_scan", "save_scan",
            "atomic_output", "atomic_outputs", "atomic_folder", "writable_folder", "write_json", "SkippedSlicesWarning"]
@@ -695,13 +695,13 @@ class Scan:
 
     projections: np.ndarray
     angles: np.ndarray
-    geometry: ConeBeamGeometry
+    geometry: ScanGeometry
     ground_truth: np.ndarray | None = None
     meta: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        if not isinstance(self.geometry, ConeBeamGeometry):
-            raise InputError(f"geometry must be a ConeBeamGeometry, got {type(self.geometry).__name__}")
+        if not isinstance(self.geometry, ScanGeometry):
+            raise InputError(f"geometry must be a ScanGeometry, got {type(self.geometry).__name__}")
         self.projections = _finite_array(self.projections, np.float32, "projections")
         self.angles = _finite_array(self.angles, np.float64, "angles")
         if self.projections.shape != self.geometry.projection_shape:
@@ -739,7 +739,7 @@ def _finite_array(value, dtype, name: str) -> np.ndarray:
     return data
 
 
-def _geometry_from_json(text: str, angles, source: Path) -> ConeBeamGeometry:
+def _geometry_from_json(text: str, angles, source: Path) -> ScanGeometry:
     """Geometry from its JSON with the given ``angles``; None: those in the JSON, else one dummy angle."""
     try:
         data = json.loads(text)
@@ -753,7 +753,7 @@ def _geometry_from_json(text: str, angles, source: Path) -> ConeBeamGeometry:
     elif listed is not None and not (np.shape(listed) == angles.shape and np.allclose(listed, angles)):
         raise InputError(f"'geometry' in {source} lists angles that disagree with the 'angles' array")
     try:
-        return ConeBeamGeometry.from_dict(data, angles=angles)
+        return geometry_from_dict(data, angles=angles)
     except (TypeError, ValueError) as err:
         raise InputError(f"invalid geometry in {source}: {err}") from None
 

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ctrecon.core.geometry import ConeBeamGeometry, VolumeGeometry
+from ctrecon.core.geometry import ScanGeometry, VolumeGeometry
 
 __all__ = ["Ellipsoid", "GaussianBlob", "shepp_logan_3d", "ellipsoid_volume", "ellipsoid_projections",
            "random_gaussian_blobs", "gaussian_volume", "gaussian_projections", "rotation_z"]
@@ -74,7 +74,7 @@ def shepp_logan_3d(volume: VolumeGeometry, fill: float = 0.95, scale: float = 0.
     return out
 
 
-def _rays(geometry: ConeBeamGeometry):
+def _rays(geometry: ScanGeometry):
     """Ray origins ``[A, 1, 1, 3]`` and unit directions ``[A, V, U, 3]`` plus their lengths to the pixels."""
     src = geometry.source_positions()[:, None, None, :]
     delta = geometry.pixel_positions() - src
@@ -82,7 +82,7 @@ def _rays(geometry: ConeBeamGeometry):
     return src, delta / length
 
 
-def ellipsoid_projections(ellipsoids: Sequence[Ellipsoid], geometry: ConeBeamGeometry) -> np.ndarray:
+def ellipsoid_projections(ellipsoids: Sequence[Ellipsoid], geometry: ScanGeometry) -> np.ndarray:
     """Exact line integrals ``[A, V, U]`` (value × mm) of the ellipsoids along every source→pixel ray."""
     src, direction = _rays(geometry)
     out = np.zeros(geometry.projection_shape, dtype=np.float64)
@@ -141,7 +141,7 @@ def gaussian_volume(blobs: Sequence[GaussianBlob], volume: VolumeGeometry) -> np
     return out.astype(np.float32)
 
 
-def gaussian_projections(blobs: Sequence[GaussianBlob], geometry: ConeBeamGeometry) -> np.ndarray:
+def gaussian_projections(blobs: Sequence[GaussianBlob], geometry: ScanGeometry) -> np.ndarray:
     """Exact line integrals ``[A, V, U]`` of the Gaussians along every ray (integrated over the whole line)."""
     src, direction = _rays(geometry)
     out = np.zeros(geometry.projection_shape, dtype=np.float64)

@@ -36,7 +36,7 @@ from ctrecon.core.limits import check_grid_memory
 from ctrecon.core.geometry import TWO_PI, ConeBeamGeometry
 from ctrecon.operators import _backend
 
-__all__ = ["FILTERS", "fdk", "filter_projections", "filter_response", "ramp_kernel", "cosine_weights",
+__all__ = ["FILTERS", "fdk", "check_circular", "filter_projections", "filter_response", "ramp_kernel", "cosine_weights",
            "parker_weights", "redundancy_weights", "angular_weights", "backproject"]
 
 FILTERS = ("ram-lak", "shepp-logan", "cosine", "hann")
@@ -295,6 +295,7 @@ def fdk(projections, geometry: ConeBeamGeometry, filter: str = "ram-lak", *, dev
     Not handled: detectors offset so far that part of the object is seen only half the time
     (half-fan scans need extra redundancy weights); the detector should cover the object from every view.
     """
+    check_circular(geometry)
     name = _check_filter(filter)
     check_grid_memory(geometry.nVoxel, 2, "FDK")
     data = _as_projection_tensor(projections, geometry, device)
@@ -304,6 +305,15 @@ def fdk(projections, geometry: ConeBeamGeometry, filter: str = "ram-lak", *, dev
     filtered = filter_projections(weighted, geometry, name)
     return backproject(filtered, geometry, angular_weights(geometry), max_elements=max_elements, progress=progress,
                        backend=backend)
+
+
+def check_circular(geometry) -> None:
+    """InputError unless ``geometry`` is a circular :class:`ConeBeamGeometry`, the only orbit FDK's weights
+    and filtering are derived for."""
+    if not isinstance(geometry, ConeBeamGeometry):
+        raise InputError(f"FDK needs a circular scan, and this scan's geometry is {type(geometry).__name__} "
+                         "(per-view source and detector positions): reconstruct it with an iterative method "
+                         "(reconstruct --method sart|os-sart|cgls|fista-tv)")
 
 
 def _as_projection_tensor(projections, geometry: ConeBeamGeometry, device) -> torch.Tensor:

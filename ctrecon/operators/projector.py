@@ -1,6 +1,6 @@
 """Differentiable cone-beam projector ``A`` (Joseph's method) and its exact adjoint ``A.T``.
 
-    A = Projector(geometry)        # one ConeBeamGeometry: volume grid + scan
+    A = Projector(geometry)        # a ScanGeometry (circular ConeBeamGeometry or per-view ConeVecGeometry)
     y = A(x)                       # [*, Z, Y, X] -> [*, A, V, U] line integrals (unit attenuation × mm)
     x = A.T(y)                     # [*, A, V, U] -> [*, Z, Y, X], the transpose of the same matrix
     A.subset(view_indices)         # the rows of A for some views, e.g. K random views per iteration
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from ctrecon.core.errors import InputError
-from ctrecon.core.geometry import ConeBeamGeometry
+from ctrecon.core.geometry import ScanGeometry
 from ctrecon.operators import _backend
 
 __all__ = ["Projector", "view_table", "cpu_projector"]
@@ -63,7 +63,7 @@ _BYTES_PER_SAMPLE_PER_ITEM = 64
 _PLANE_AXES = ((1, 2), (0, 2), (0, 1))
 
 
-def view_table(geometry: ConeBeamGeometry) -> np.ndarray:
+def view_table(geometry: ScanGeometry) -> np.ndarray:
     """Per-view ray geometry ``[A, 12]`` float64 in voxel-index coordinates (x, y, z).
 
     Columns: source S (3), centre D0 of pixel (0, 0) (3), step Du per detector column (3), step Dv
@@ -71,13 +71,10 @@ def view_table(geometry: ConeBeamGeometry) -> np.ndarray:
     """
     volume = geometry.volume
     spacing = np.array(volume.dVoxel[::-1])
-    source = volume.world_to_index(geometry.source_positions())
-    centre, u_axis, v_axis = geometry.detector_frames()
-    v_offsets, u_offsets = geometry.pixel_offsets()
-    first_pixel = volume.world_to_index(centre + u_offsets[0] * u_axis + v_offsets[0] * v_axis)
-    du, dv = geometry.dDetector[1], geometry.dDetector[0]
+    source, first_pixel, column_step, row_step = geometry.pixel_grid()
     return np.ascontiguousarray(np.concatenate(
-        [source, first_pixel, u_axis * du / spacing, v_axis * dv / spacing], axis=1), dtype=np.float64)
+        [volume.world_to_index(source), volume.world_to_index(first_pixel), column_step / spacing,
+         row_step / spacing], axis=1), dtype=np.float64)
 
 
 class _Forward(torch.autograd.Function):
@@ -126,10 +123,10 @@ class Projector:
     rays in the reference (default: 4 MiB on CPU, where small cache-sized chunks are fastest, 1 GiB on GPUs).
     """
 
-    def __init__(self, geometry: ConeBeamGeometry, *, backend: str = "auto", memory_budget: int | None = None,
+    def __init__(self, geometry: ScanGeometry, *, backend: str = "auto", memory_budget: int | None = None,
                  _views: np.ndarray | None = None):
-        if not isinstance(geometry, ConeBeamGeometry):
-            raise InputError(f"Projector needs a ConeBeamGeometry, got {type(geometry).__name__}")
+        if not isinstance(geometry, ScanGeometry):
+            raise InputError(f"Projector needs a ScanGeometry, got {type(geometry).__name__}")
         _backend.check_backend(backend, "projector")
         if memory_budget is not None and int(memory_budget) <= 0:
             raise InputError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
