@@ -24,8 +24,9 @@ from ctrecon.core.errors import InputError
 from ctrecon.core.limits import check_memory
 from ctrecon.core.units import HU_SPAN, HU_MIN, MU_WATER, hu_to_unit
 from ctrecon.core.geometry import TWO_PI, ConeBeamGeometry, VolumeGeometry
+from ctrecon.core.io import Scan
 
-__all__ = ["resample_volume", "resampled_grid", "add_noise", "simulate_scan"]
+__all__ = ["resample_volume", "resampled_grid", "regrid_scan", "add_noise", "simulate_scan"]
 
 def resample_volume(volume, spacing, *, shape=None, spacing_out=None) -> tuple:
     """Trilinear resampling of ``volume`` ``[Z, Y, X]`` to ``shape`` (Z, Y, X) or to ``spacing_out`` mm.
@@ -59,6 +60,24 @@ def resampled_grid(shape_in, spacing, *, shape=None, spacing_out=None) -> tuple:
     else:
         return tuple(shape_in), spacing
     return new_shape, tuple(d * n / m for n, d, m in zip(shape_in, spacing, new_shape))
+
+
+def regrid_scan(scan: Scan, spacing) -> Scan:
+    """``scan`` to be reconstructed on a grid of ``spacing`` mm (a number or (dz, dy, dx)) with the same extent
+    and centre (the shape and exact spacing of :func:`resampled_grid`). The projections and the scan's
+    geometry stay as measured, so the projector stays exact on the detector; a ground truth is averaged
+    onto the new grid (area averaging where it is coarser on every axis, else trilinear)."""
+    grid = scan.geometry.volume
+    shape, new_spacing = resampled_grid(grid.nVoxel, grid.dVoxel, spacing_out=spacing)
+    geometry = scan.geometry.with_volume(VolumeGeometry(shape, new_spacing, grid.offOrigin))
+    truth, coarser = scan.ground_truth, all(new <= old for new, old in zip(shape, grid.nVoxel))
+    if truth is not None and shape != grid.nVoxel:
+        truth = torch.nn.functional.interpolate(torch.from_numpy(truth)[None, None], size=shape,
+                                                mode="area" if coarser else "trilinear",
+                                                **({} if coarser else {"align_corners": False}))[0, 0].numpy()
+    meta = {**scan.meta, "regridded": {"from_nVoxel": list(grid.nVoxel), "from_dVoxel": list(grid.dVoxel),
+                                       "ground_truth": "area average" if coarser else "trilinear"}}
+    return Scan(scan.projections, scan.angles, geometry, truth, meta)
 
 
 #: The largest fraction of detector readings below one photon (clipped to 1) that a noisy scan may have.
@@ -109,7 +128,6 @@ def simulate_scan(volume, spacing, n_views: int, *, arc: float = TWO_PI, dose_i0
     so that reconstructions can be written in the source's patient frame.
     """
     from ctrecon import __version__
-    from ctrecon.core.io import Scan
 
     data = _volume_array(volume)
     spacing = _positive_triple(spacing, "spacing")
