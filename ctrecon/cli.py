@@ -684,14 +684,23 @@ def reconstruct(scan_path, method, init, init_gaussians, prior, init_options, it
             postfix.update(loss=f"{p.loss:.2e}", **({"N": p.n_gaussians} if method == "3dgr" else {}))
             bar.set_postfix(postfix, refresh=False)
 
+    stage_bars = {}  # the stages before the first iteration: FDK views, a prior's windows (progress and ETA)
+
+    def stage_progress(stage, done, total):
+        if stage not in stage_bars:
+            stage_bars[stage] = tqdm(total=total, desc=stage, unit="view" if stage == "FDK" else "window",
+                                     disable=None, leave=False)
+        stage_bars[stage].total = total
+        stage_bars[stage].update(done - stage_bars[stage].n)
+
     failure = None
     try:
-        result = run(scan, progress)
+        result = run(scan, progress, stage_progress)
     except NonFiniteLossError as err:
         failure, result = err, err.result
     finally:
-        if bar is not None:
-            bar.close()
+        for stage_bar in [*stage_bars.values(), *([bar] if bar is not None else [])]:
+            stage_bar.close()
     write_run(out, result, scan, scan_file=os.path.abspath(scan_path), source=scan.meta.get("source"),
               case=case or _case_name(scan, scan_path), seed=seed, device=device, **record)
     final = result.final or {}
@@ -722,7 +731,7 @@ def reconstruct(scan_path, method, init, init_gaussians, prior, init_options, it
 
 def _gaussian_run(init, init_gaussians, prior, init_options, iters, stop_at_thresholds, no_densify, optimizer,
                   config_path, overrides: dict, device, seed: int) -> tuple:
-    """``(run(scan, callback) -> result, config, label, write_run extras)`` of ``reconstruct --method 3dgr``;
+    """``(run(scan, callback, stage_progress) -> result, config, label, write_run extras)`` of ``reconstruct --method 3dgr``;
     every check that needs no scan is made here, before any work."""
     from ctrecon.methods.gaussians import GaussianField, get_initializer
     from ctrecon.pipeline.reconstruct import reconstruct as run_reconstruct
@@ -749,15 +758,15 @@ def _gaussian_run(init, init_gaussians, prior, init_options, iters, stop_at_thre
     else:
         get_initializer(init)  # InputError listing the known names
 
-    def run(scan, callback):
+    def run(scan, callback, stage_progress):
         return run_reconstruct(scan, init=initializer, config=config, device=device, seed=seed, callback=callback,
-                               init_field=init_field)
+                               init_field=init_field, stage_progress=stage_progress)
 
     return run, config, f"3DGR-CT ({init})", {"prior": prior, "init_gaussians": init_gaussians}
 
 
 def _classical_run(method, start, iters, stop_at_thresholds, config_path, overrides: dict, device, seed: int) -> tuple:
-    """``(run(scan, callback) -> result, config, label, write_run extras)`` of a classical ``--method``; ``start``
+    """``(run(scan, callback, stage_progress) -> result, config, label, write_run extras)`` of a classical ``--method``; ``start``
     (--init) None keeps the --config file's (zeros without one)."""
     from ctrecon.pipeline.classical import ClassicalConfig, classical_method, reconstruct_classical
 
@@ -779,7 +788,7 @@ def _classical_run(method, start, iters, stop_at_thresholds, config_path, overri
         sections["stopping"]["stop_at_thresholds"] = True
     config = ClassicalConfig.from_dict(sections)
 
-    def run(scan, callback):
+    def run(scan, callback, stage_progress):  # a classical run's FDK start is one short step: no stage bars
         return reconstruct_classical(scan, config=config, device=device, seed=seed, callback=callback)
 
     return run, config, method.upper() if method != "fista-tv" else "FISTA-TV", {}

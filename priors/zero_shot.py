@@ -345,7 +345,7 @@ class PriorInit:
         self.config = ZeroShotConfig(levels=_LEVELS_OF_INIT[name], **{"overlap": INIT_OVERLAP, **options})
         self._loaded = {}
         keyword = inspect.Parameter.KEYWORD_ONLY
-        head = list(inspect.signature(self.__call__).parameters.values())[:4]
+        head = list(inspect.signature(self.__call__).parameters.values())[:5]   # ... generator, progress
         self.__signature__ = inspect.Signature(  # unknown options fail when bound, before the FDK
             head + [inspect.Parameter(f.name, keyword, default=getattr(self.config, f.name)) for f in tunable])
 
@@ -371,12 +371,13 @@ class PriorInit:
             self._loaded[str(device)] = model, metadata
         return self._loaded[str(device)]
 
-    def __call__(self, fdk_volume, volume_geometry, n_gaussians=None, generator=None, **options):
+    def __call__(self, fdk_volume, volume_geometry, n_gaussians=None, generator=None, progress=None, **options):
         fdk = torch.as_tensor(fdk_volume)
         model, metadata = self._model(fdk.device)
         if n_gaussians is not None:
             options["max_gaussians"] = int(n_gaussians)
-        return infer_field(fdk, volume_geometry, model, metadata, dataclasses.replace(self.config, **options))
+        return infer_field(fdk, volume_geometry, model, metadata, dataclasses.replace(self.config, **options),
+                           progress=progress)
 
 
 def register_initializers(register: Callable) -> None:

@@ -588,3 +588,22 @@ def test_the_default_tv_keeps_the_preconditioned_step_from_fitting_noise():
     assert curves["no tv"][-1] < max(curves["no tv"]) - 0.5              # it fits the noise
     assert all(b > a - 0.05 for a, b in zip(curves["default"], curves["default"][1:]))  # no dips
     assert curves["default"][-1] > curves["no tv"][-1] + 1.5
+
+
+def test_stages_before_the_first_iteration_report_progress():
+    """FDK reports its views and a prior its windows (the CLI shows them as progress bars with an ETA)."""
+    from ctrecon.core.phantoms import shepp_logan_3d
+
+    grid = VolumeGeometry((16, 32, 32), (3.0, 3.0, 3.0))
+    truth = ellipsoid_volume(shepp_logan_3d(grid, fill=0.8, scale=1.0), grid).astype(np.float32)
+    geometry = ConeBeamGeometry.covering(grid, n_views=20)
+    scan = Scan(Projector(geometry)(torch.from_numpy(truth)).numpy(), geometry.angles, geometry, truth)
+    config = ReconstructConfig.from_dict({"method": "preconditioned", "iterations": 1, "n_gaussians": 500})
+    for init, stages in (("fbp", {"FDK"}), ("medgmae-star", {"FDK", "medgmae-star windows"})):
+        events = []
+        reconstruct(scan, init=init, config=config, stage_progress=lambda *event: events.append(event))
+        assert {stage for stage, _, _ in events} == stages
+        for stage in stages:
+            done = [(d, t) for s, d, t in events if s == stage]
+            assert done[-1][0] == done[-1][1] and all(a[0] <= b[0] for a, b in zip(done, done[1:]))
+        assert ("FDK", 20, 20) in events

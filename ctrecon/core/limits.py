@@ -34,4 +34,4 @@ def check_grid_memory(n_voxels, copies: int, what: str) -> None:
     lower bound of what ``what`` allocates on the scan's reconstruction grid)."""
     check_memory(4 * copies * math.prod(int(n) for n in n_voxels),
                  f"{what} on the scan's {'x'.join(str(int(n)) for n in n_voxels)} voxel grid",
-                 "make the scan on a coarser grid (simulate --spacing or --shape)")
+                 "use a coarser grid (reconstruct --grid-spacing MM, or simulate --spacing / --shape)")

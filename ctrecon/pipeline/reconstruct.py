@@ -657,9 +657,11 @@ def _check_inputs(scan, config: ReconstructConfig) -> None:
         raise InputError(f"ground truth shape {tuple(np.shape(scan.ground_truth))} differs from the grid {grid.nVoxel}")
 
 
-def _initial_field(scan, init: str, config: ReconstructConfig, device, generator, init_field):
+def _initial_field(scan, init: str, config: ReconstructConfig, device, generator, init_field, stage_progress=None):
+    """The initial GaussianField: ``init_field``, or the initialiser on the scan's FDK. stage_progress(stage,
+    done, total) hears the FDK's views and, from initialisers that report it (the priors), their windows."""
     from ctrecon.operators.fdk import fdk
-    from ctrecon.methods.gaussians import GaussianField, get_initializer
+    from ctrecon.methods.gaussians import GaussianField, get_initializer, initializer_name
 
     if init_field is not None:
         if not isinstance(init_field, GaussianField):
@@ -672,7 +674,11 @@ def _initial_field(scan, init: str, config: ReconstructConfig, device, generator
             inspect.signature(initializer).bind(None, None, None, None, **options)
         except TypeError as err:
             raise InputError(f"initializer {init!r} does not accept init_options {options}: {err}") from None
-    fdk_volume = fdk(scan.projections, scan.geometry, device=device)
+    reporter = (lambda stage: None) if stage_progress is None else \
+        (lambda stage: lambda done, total: stage_progress(stage, done, total))
+    fdk_volume = fdk(scan.projections, scan.geometry, device=device, progress=reporter("FDK"))
+    if stage_progress is not None and "progress" in inspect.signature(initializer).parameters:
+        options = {**options, "progress": reporter(f"{initializer_name(init)} windows")}
     return initializer(fdk_volume, scan.geometry.volume, config.gaussians.n_gaussians, generator, **options).to(device)
 
 
@@ -888,14 +894,16 @@ class Trainer:
 
 def reconstruct(scan, *, init="fbp", config: ReconstructConfig | None = None, device="cpu", seed: int = 0,
                 callback: Callable[[Progress], None] | None = None, init_field=None,
-                regularizer: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> ReconstructResult:
+                regularizer: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+                stage_progress: Callable[[str, int, int], None] | None = None) -> ReconstructResult:
     """Run 3DGR-CT on ``scan`` (a :class:`ctrecon.core.io.Scan`); see the module docstring.
 
     init: an initialiser used on the scan's FDK, by its registered name ("fbp", "medgmae", ...) or
     itself (e.g. ``priors.zero_shot.PriorInit(checkpoint)``), or a label for ``init_field`` (a ready
     :class:`GaussianField`, e.g. from a prior). callback(Progress): called after each
     iteration; it may raise KeyboardInterrupt to stop. regularizer(volume [Z, Y, X], iteration) →
-    scalar tensor added to the loss (on the rendered grid, coarse or full).
+    scalar tensor added to the loss (on the rendered grid, coarse or full). stage_progress(stage, done,
+    total): progress of the stages before the first iteration ("FDK" views, a prior's windows).
     Raises InputError on bad input and NonFiniteLossError (with the last good state) on NaN/Inf.
     """
     from ctrecon.methods.gaussians import initializer_name
@@ -906,7 +914,7 @@ def reconstruct(scan, *, init="fbp", config: ReconstructConfig | None = None, de
     generator = torch.Generator().manual_seed(int(seed))
     scan, held_out = _split_scan(scan, config.stopping.validation_views)  # the held-out views see no fit
     t_init = time.perf_counter()
-    field = _initial_field(scan, init, config, device, generator, init_field)
+    field = _initial_field(scan, init, config, device, generator, init_field, stage_progress)
     init_seconds = 0.0 if init_field is not None else time.perf_counter() - t_init
     if len(field) > config.density.max_gaussians:
         raise InputError(f"the initial field has {len(field)} Gaussians, more than max_gaussians "
