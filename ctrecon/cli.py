@@ -563,7 +563,9 @@ def _prior_initializers(inits, prior) -> tuple:
 @click.option("--views-per-iter", type=int, default=None,
               help="Random views per iteration (0: all) [default: 40 (preconditioned), 0 (3dgr)].")
 @click.option("--eval-every", type=int, default=None, help="Evaluate every E iterations [default: 100].")
-@click.option("--n-gaussians", type=int, default=None, help="Initial Gaussian count [default: 50000].")
+@click.option("--n-gaussians", type=int, default=None,
+              help="Initial Gaussian count [default: preconditioned: one per 100 voxels, at least 50000, at most "
+                   "--max-gaussians; 3dgr: 50000].")
 @click.option("--max-gaussians", type=int, default=None, help="Cap for densification [default: 200000].")
 @click.option("--loss", type=click.Choice(["mse", "l1"]), default=None, help="Projection loss [default: mse].")
 @click.option("--dssim", type=float, default=None, help="Weight of D-SSIM over projections [default: 0].")

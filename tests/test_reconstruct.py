@@ -607,3 +607,15 @@ def test_stages_before_the_first_iteration_report_progress():
             done = [(d, t) for s, d, t in events if s == stage]
             assert done[-1][0] == done[-1][1] and all(a[0] <= b[0] for a, b in zip(done, done[1:]))
         assert ("FDK", 20, 20) in events
+
+
+def test_auto_gaussian_budget_grows_with_the_grid():
+    config = ReconstructConfig.from_dict({"method": "preconditioned"})
+    assert config.gaussians.n_gaussians == "auto"
+    assert config.gaussian_budget(48 * 96 * 96) == 50_000                  # the figures' budget
+    assert config.gaussian_budget(128 * 256 * 256) == 83_887
+    assert config.gaussian_budget(512 * 512 * 512) == config.density.max_gaussians
+    assert ReconstructConfig.from_dict({"method": "preconditioned", "n_gaussians": 1234}).gaussian_budget(10 ** 9) == 1234
+    assert ReconstructConfig.from_dict({"method": "3dgr"}).gaussian_budget(10 ** 9) == 50_000   # 3DGR-CT's own
+    with pytest.raises(InputError, match='n_gaussians must be a positive integer or "auto"'):
+        ReconstructConfig.from_dict({"n_gaussians": "many"})

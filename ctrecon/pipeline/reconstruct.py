@@ -124,7 +124,8 @@ SSIM_METRICS = ("ssim_slice", "ssim3d")
 class GaussianSettings:
     """The Gaussian field: its initial count, the initialiser's options and the truncation radius."""
 
-    n_gaussians: int = 50_000            # initial count (given to the initialiser)
+    n_gaussians: int | str = 50_000      # initial count (given to the initialiser); "auto": by grid size
+    #                                      (ReconstructConfig.gaussian_budget)
     init_options: dict = dataclasses.field(default_factory=dict)  # keyword options of the initialiser
     k_sigma: float = 3.0                 # truncation radius of every render, σ of the largest axis
 
@@ -251,13 +252,20 @@ PRECONDITIONED_TV_BY_INIT = {"medgmae": 3e-4}
 #: lung1: 0.055 → 38.59 dB and 106k Gaussians at 600 iterations; 0.025 → 38.85 at the 200k cap; off: 37.73).
 PRECONDITIONED_GRAD_THRESHOLD = 0.055
 
+#: ``n_gaussians="auto"`` (the preconditioned method's): one Gaussian per this many voxels, at least
+#: :data:`AUTO_MIN_GAUSSIANS` (every 48×96×96 figure in data/README.md used 50 000), at most ``max_gaussians``.
+#: A scaling rule, not a tuned value: at 128×256×256 (development lung1) it gives 83 887, where MedGMAE*'s
+#: uncapped field of 72 899 reached 35 dB in 100 iterations and the fixed 50 000 cut that field down.
+AUTO_VOXELS_PER_GAUSSIAN = 100
+AUTO_MIN_GAUSSIANS = 50_000
+
 #: The optimiser methods and the settings each one changes from the defaults above (3DGR-CT's); settings
 #: given explicitly win. "preconditioned" was chosen by measurement on development volumes (data/README.md).
 OPTIMIZER_METHODS = {
     "3dgr": {},
     "preconditioned": {"iterations": "auto", "views_per_iter": "auto", "lr_decay_steps": None,
                        "position_lr_final": 2e-5, "intensity_lr_final": 5e-3, "scale_lr_final": 5e-4,
-                       "rotation_lr_final": 1e-4, "strategy": None, "lambda_tv": "auto",
+                       "rotation_lr_final": 1e-4, "strategy": None, "lambda_tv": "auto", "n_gaussians": "auto",
                        "densify_grad_threshold": PRECONDITIONED_GRAD_THRESHOLD},
 }
 
@@ -288,10 +296,12 @@ class ReconstructConfig:
                          "max_iterations", "residual_window", "validation_every", "validation_patience")
         for name in positive_ints:
             value = values[name]
-            if (name, value) in (("iterations", "auto"), ("lr_decay_steps", None), ("densify_every", None)):
+            if (name, value) in (("iterations", "auto"), ("lr_decay_steps", None), ("densify_every", None),
+                                 ("n_gaussians", "auto")):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                also = {"iterations": ' or "auto"', "lr_decay_steps": " or None", "densify_every": " or None"}.get(
+                also = {"iterations": ' or "auto"', "n_gaussians": ' or "auto"', "lr_decay_steps": " or None",
+                        "densify_every": " or None"}.get(
                     name, "")
                 raise InputError(f"{name} must be a positive integer{also}, got {value!r}")
         for name in ("views_per_iter", "coarse_iterations", "densify_from", "densify_until", "validation_views"):
@@ -335,12 +345,20 @@ class ReconstructConfig:
             raise InputError(f"densify_grad_quantile must be in (0, 1), got {values['densify_grad_quantile']}")
         if not finite_number(values["split_offset"]) or not 0.0 < values["split_offset"] < 1.0:
             raise InputError(f"split_offset must be in (0, 1), got {values['split_offset']!r}")
-        if values["max_gaussians"] < values["n_gaussians"]:
+        if values["n_gaussians"] != "auto" and values["max_gaussians"] < values["n_gaussians"]:
             raise InputError(f"max_gaussians ({values['max_gaussians']}) must be >= n_gaussians "
                              f"({values['n_gaussians']})")
         if not finite_number(values["residual_tolerance"]) or not 0 <= values["residual_tolerance"] < 1:
             raise InputError(f"residual_tolerance must be a number in [0, 1), got {values['residual_tolerance']!r}")
         return self
+
+    def gaussian_budget(self, n_voxels: int) -> int:
+        """The initial field's count on a grid of ``n_voxels``: ``n_gaussians``, or with "auto" one per
+        :data:`AUTO_VOXELS_PER_GAUSSIAN` voxels within [:data:`AUTO_MIN_GAUSSIANS`, ``max_gaussians``]."""
+        if self.gaussians.n_gaussians != "auto":
+            return self.gaussians.n_gaussians
+        wanted = max(AUTO_MIN_GAUSSIANS, math.ceil(n_voxels / AUTO_VOXELS_PER_GAUSSIAN))
+        return min(self.density.max_gaussians, wanted)
 
     def for_initializer(self, init_name: str) -> "ReconstructConfig":
         """This config with ``lambda_tv="auto"`` resolved for the initialiser ``init_name``
@@ -679,7 +697,8 @@ def _initial_field(scan, init: str, config: ReconstructConfig, device, generator
     fdk_volume = fdk(scan.projections, scan.geometry, device=device, progress=reporter("FDK"))
     if stage_progress is not None and "progress" in inspect.signature(initializer).parameters:
         options = {**options, "progress": reporter(f"{initializer_name(init)} windows")}
-    return initializer(fdk_volume, scan.geometry.volume, config.gaussians.n_gaussians, generator, **options).to(device)
+    budget = config.gaussian_budget(math.prod(scan.geometry.nVoxel))
+    return initializer(fdk_volume, scan.geometry.volume, budget, generator, **options).to(device)
 
 
 class Trainer:
