@@ -140,8 +140,9 @@ def _number(text: Optional[str], tag: str, where: str) -> float:
     return value
 
 
-def _rtk_values(element, where: str, allow_matrix: bool) -> tuple:
-    """The parameters set by ``element``'s children (name → value) and its Matrix ``[3, 4]`` or None."""
+def _rtk_values(element, where: str, is_view: bool) -> tuple:
+    """The parameters set by ``element``'s children (name → value) and, for a view (a <Projection>), its
+    Matrix ``[3, 4]`` or None; the root holds the shared values and the views."""
     values, matrix = {}, None
     for child in element:
         tag = child.tag
@@ -151,12 +152,12 @@ def _rtk_values(element, where: str, allow_matrix: bool) -> tuple:
             if _number(child.text, tag, where) != 0.0:
                 raise InputError(f"{where}: a cylindrical detector (RadiusCylindricalDetector ≠ 0) is not supported; "
                                  "flat detectors only")
-        elif tag == "Matrix" and allow_matrix:
+        elif tag == "Matrix" and is_view:
             try:
                 matrix = np.array([float(v) for v in (child.text or "").split()], dtype=np.float64).reshape(3, 4)
             except ValueError:
                 raise InputError(f"{where}: <Matrix> must hold 12 numbers") from None
-        elif tag not in _RTK_IGNORED and not (tag == "Projection" and not allow_matrix):
+        elif tag not in _RTK_IGNORED and not (tag == "Projection" and not is_view):
             raise InputError(f"{where}: unknown RTK geometry field <{tag}>")
     return values, matrix
 
@@ -176,14 +177,14 @@ def read_rtk_geometry(path) -> RtkParameters:
         raise InputError(f"{source} is not an RTK ThreeDCircularProjectionGeometry file (root <{root.tag}>)")
     if root.get("version") not in ("2", "3"):
         raise InputError(f"{source}: RTK geometry version {root.get('version')!r} is not supported (2 or 3)")
-    shared, _ = _rtk_values(root, str(source), allow_matrix=False)
+    shared, _ = _rtk_values(root, str(source), is_view=False)
     views = [child for child in root if child.tag == "Projection"]
     if not views:
         raise InputError(f"{source} holds no <Projection>")
     rows = {name: [] for name in _RTK_FIELDS.values()}
     for index, element in enumerate(views):
         where = f"{source}, projection {index}"
-        own, matrix = _rtk_values(element, where, allow_matrix=True)
+        own, matrix = _rtk_values(element, where, is_view=True)
         values = {**_RTK_DEFAULTS, **shared, **own}
         missing = [tag for tag, name in _RTK_FIELDS.items() if name not in values]
         if missing:
