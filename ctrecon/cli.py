@@ -394,6 +394,10 @@ def fdk(scan, filter_name, out, device, seed):
               help="Multiplies the intensity head (the public code renders 0.1*sigmoid).")
 @click.option("--crop-size", default=None, type=click.IntRange(min=1), help="Crop edge in voxels [default: 96].")
 @click.option("--crops-per-volume", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--corruption", default="none", show_default=True, type=click.Choice(["none", "noise", "fdk"]),
+              help="What the encoder sees (the loss compares with the clean crop, on every voxel when corrupted): "
+                   "the crop (MedGMAE), the crop plus Gaussian noise of a random sigma (MDAE), or the same crop of "
+                   "a cached sparse-view FDK (60-180 views) of the training volume, as at reconstruction.")
 @click.option("--cache", default=None, type=click.Path(file_okay=False), help="Folder caching preprocessed volumes.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="Data-loading processes.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
@@ -404,8 +408,8 @@ def fdk(scan, filter_name, out, device, seed):
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt when it exists.")
 @common_options
 def pretrain(data, config_name, architecture, out, steps, batch, accum, lr, warmup, window, loss, head_init,
-             intensity_gain, crop_size, crops_per_volume, cache, workers, precision, checkpoint_every, preview_every,
-             log_every, resume, device, seed):
+             intensity_gain, crop_size, crops_per_volume, corruption, cache, workers, precision, checkpoint_every,
+             preview_every, log_every, resume, device, seed):
     """Pre-train a MedGMAE / MedGMAE* / voxel-MAE prior on CT volumes.
 
     Writes OUT/prior.pt (weights + metadata, for --prior), OUT/checkpoint.pt (resumable state),
@@ -416,6 +420,7 @@ def pretrain(data, config_name, architecture, out, steps, batch, accum, lr, warm
     Examples:
       ctrecon pretrain --data AbdomenAtlas1.0Mini --config paper --out ckpt/ --window unit
       ctrecon pretrain --data ct_folder/ --config tiny --out run/ --steps 50 --batch 2 --crop-size 32
+      ctrecon pretrain --data AbdomenAtlas1.0Mini --config small --window unit --corruption fdk --cache cache/ --out fdk/
       torchrun --nproc_per_node 4 -m ctrecon.cli pretrain --data DIR --config paper --out ckpt/ --batch 32
     """
     from tqdm import tqdm
@@ -437,7 +442,7 @@ def pretrain(data, config_name, architecture, out, steps, batch, accum, lr, warm
     overrides = {"loss": loss, "head_init": head_init, "intensity_gain": intensity_gain,
                  **({"crop_size": crop_size} if crop_size else {})}
     cfg = model_config(config_name, architecture, **overrides)
-    data_cfg = DataConfig(window_hu=window_hu, crops_per_volume=crops_per_volume)
+    data_cfg = DataConfig(window_hu=window_hu, crops_per_volume=crops_per_volume, corruption=corruption)
     train_cfg = TrainConfig(steps=steps, batch=batch, accum=accum, lr=lr, warmup_steps=warmup, precision=precision,
                             checkpoint_every=checkpoint_every, log_every=log_every, preview_every=preview_every,
                             workers=workers, seed=seed)

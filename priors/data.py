@@ -12,6 +12,12 @@ shifted to lie inside the volume, which is zero-padded when smaller than a crop;
 Augmentation: a flip of each axis (p 0.5 each), a 90° rotation in the axial plane (p 0.3, k ∈ {1, 2,
 3}), intensity scaling ``x·(1+U(−0.1, 0.1))`` (p 0.1) and shift ``x+U(−0.1, 0.1)`` (p 0.1).
 
+Corruption (``corruption``, MDAE-style: the encoder sees a corrupted crop, the loss compares with the
+clean one): ``"none"`` (MedGMAE); ``"noise"``, the variance-exploding ``x + σ·z`` with σ ~ U(0,
+``noise_sigma_max``) per sample (window units); ``"fdk"``, the same crop of the FDK of a simulated
+noiseless sparse-view scan of the training volume (what the prior meets at reconstruction): ``fdk_variants``
+view counts spread over ``fdk_views``, each FDK computed once per volume and cached beside the volume. Clean and corrupted crops share coordinates and augmentation.
+
 Transforms are written in numpy/torch rather than taken from MONAI: they are a few lines each, keep
 CPU installs light, and make every crop a pure function of ``(seed, item index)`` — which is what
 makes training resumable and identical across worker and process counts.
@@ -35,13 +41,16 @@ import torch
 import torch.nn.functional as F
 
 from ctrecon.core.errors import InputError
+from ctrecon.core.units import hu_to_unit, unit_to_hu
 
-__all__ = ["DataConfig", "find_volumes", "describe_volumes", "preprocess", "resample_isotropic",
+__all__ = ["DataConfig", "CORRUPTIONS", "find_volumes", "describe_volumes", "preprocess", "resample_isotropic",
            "VolumeStore", "sample_crop", "augment", "CropDataset", "StepBatches", "window_to_unit"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _CANDIDATE_STRIDE = 2      # foreground/background centre candidates on a 2-voxel lattice
 _CACHE_VERSION = 1
+#: Input corruptions of pre-training (see the module docstring).
+CORRUPTIONS = ("none", "noise", "fdk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +69,10 @@ class DataConfig:
     scale_range: float = 0.1
     shift_prob: float = 0.1
     shift_range: float = 0.1
+    corruption: str = "none"
+    noise_sigma_max: float = 0.1         # "noise": σ ~ U(0, this) per sample, in window units
+    fdk_views: tuple = (60, 180)         # "fdk": view counts spread over this range ...
+    fdk_variants: int = 4                # ... in this many scans per volume
 
     def __post_init__(self):
         lo, hi = (float(v) for v in self.window_hu)
@@ -71,14 +84,27 @@ class DataConfig:
         for name in ("positive_fraction", "flip_prob", "rotate_prob", "scale_prob", "shift_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InputError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.corruption not in CORRUPTIONS:
+            raise InputError(f"corruption must be one of {', '.join(CORRUPTIONS)}, got {self.corruption!r}")
+        object.__setattr__(self, "fdk_views", tuple(int(v) for v in self.fdk_views))
+        if len(self.fdk_views) != 2 or not 1 <= self.fdk_views[0] <= self.fdk_views[1]:
+            raise InputError(f"fdk_views must be (fewest, most) views with 1 <= fewest <= most, got {self.fdk_views}")
+        if self.fdk_variants < 1 or not self.noise_sigma_max >= 0:
+            raise InputError("fdk_variants must be >= 1 and noise_sigma_max >= 0")
 
     @property
     def foreground_threshold_hu(self) -> float:
         return self.window_hu[0] if self.foreground_hu is None else float(self.foreground_hu)
 
+    def fdk_view_count(self, variant: int) -> int:
+        """Views of the ``variant``-th simulated scan: ``fdk_variants`` counts evenly over ``fdk_views``."""
+        fewest, most = self.fdk_views
+        return fewest if self.fdk_variants == 1 else round(fewest + (most - fewest) * variant / (self.fdk_variants - 1))
+
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["window_hu"] = list(self.window_hu)
+        out["fdk_views"] = list(self.fdk_views)
         return out
 
 
@@ -161,26 +187,65 @@ class VolumeStore:
     def __len__(self):
         return len(self.files)
 
-    def _cache_path(self, index: int) -> Path:
+    def _cache_path(self, index: int, *extra) -> Path:
         path = self.files[index].resolve()
         stat = path.stat()
         key = json.dumps([_CACHE_VERSION, str(path), stat.st_size, stat.st_mtime_ns, self.config.spacing_mm,
-                          list(self.config.window_hu)])
+                          list(self.config.window_hu), *extra])
         return self.cache_dir / f"{path.name.split('.')[0]}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy"
 
-    def _load(self, index: int) -> np.ndarray:
-        cache = None if self.cache_dir is None else self._cache_path(index)
+    def _cached(self, index: int, key: tuple, make) -> np.ndarray:
+        """``make()`` (a [0, 1] float32 volume), through the on-disk cache when there is one."""
+        cache = None if self.cache_dir is None else self._cache_path(index, *key)
         if cache is not None and cache.exists():
             return np.load(cache).astype(np.float32) / 65535.0
-        from ctrecon.core.io import atomic_output, load_volume
+        from ctrecon.core.io import atomic_output
 
-        volume, spacing = load_volume(self.files[index])
-        unit = preprocess(volume, spacing, self.config)
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_output(cache) as tmp, open(tmp, "wb") as handle:
-                np.save(handle, np.round(unit * 65535.0).astype(np.uint16))
-        return unit
+        unit = make()
+        if cache is None:
+            return unit
+        stored = np.round(unit * 65535.0).astype(np.uint16)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(cache) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, stored)
+        return stored.astype(np.float32) / 65535.0  # what a later read of the cache gives: runs stay exact
+
+    def _load(self, index: int) -> np.ndarray:
+        from ctrecon.core.io import load_volume
+
+        return self._cached(index, (), lambda: preprocess(*load_volume(self.files[index]), self.config))
+
+    def _fdk(self, index: int, variant: int) -> np.ndarray:
+        """The FDK, in the window's [0, 1], of a noiseless circular scan (``config.fdk_view_count(variant)``
+        views, a detector covering the volume) of the preprocessed grid, so it lines up voxel for voxel."""
+        from ctrecon.core.geometry import ConeBeamGeometry, VolumeGeometry
+        from ctrecon.core.io import load_volume
+        from ctrecon.operators.fdk import fdk
+        from ctrecon.operators.projector import Projector
+
+        config = self.config
+        views = config.fdk_view_count(variant)
+
+        def make():
+            volume, spacing = load_volume(self.files[index])
+            unit = torch.from_numpy(hu_to_unit(resample_isotropic(volume, spacing, config.spacing_mm)))
+            geometry = ConeBeamGeometry.covering(VolumeGeometry(tuple(unit.shape), (config.spacing_mm,) * 3),
+                                                 n_views=views)
+            with torch.no_grad():
+                reconstruction = fdk(Projector(geometry)(unit), geometry).numpy()
+            return window_to_unit(unit_to_hu(reconstruction), config.window_hu)
+
+        return self._cached(index, ("fdk", views), make)
+
+    def get_fdk(self, index: int, variant: int) -> np.ndarray:
+        """The corrupted twin of volume ``index`` (see :meth:`_fdk`), kept in the same small LRU."""
+        key = ("fdk", index, variant)
+        if key not in self._memory:
+            self._memory[key] = self._fdk(index, variant)
+            while len(self._memory) > 2 * self.memory_items:
+                self._memory.popitem(last=False)
+        self._memory.move_to_end(key)
+        return self._memory[key]
 
     def get(self, index: int):
         """``(volume [Z, Y, X] float32 in [0, 1], foreground centres [F, 3], background centres [G, 3])``."""
@@ -205,26 +270,30 @@ class VolumeStore:
 def sample_crop(volume: np.ndarray, foreground: np.ndarray, background: np.ndarray, size: int,
                 positive_fraction: float, rng: np.random.Generator) -> np.ndarray:
     """A ``size``³ crop centred on a random foreground (probability ``positive_fraction``) or background
-    voxel, shifted inside the volume; a volume smaller than the crop is zero-padded (centred) first."""
+    voxel, shifted inside the volume; a volume smaller than the crop is zero-padded (centred) first.
+    ``volume`` is ``[..., Z, Y, X]``: leading axes (a clean volume and its corrupted twin) share the crop."""
+    spatial = volume.shape[-3:]
     pick_foreground = rng.random() < positive_fraction
     candidates = foreground if (pick_foreground and len(foreground)) or not len(background) else background
     centre = candidates[rng.integers(len(candidates))].astype(np.int64) if len(candidates) else \
-        np.array(volume.shape) // 2
-    pads = [max(0, size - n) for n in volume.shape]
+        np.array(spatial) // 2
+    pads = [max(0, size - n) for n in spatial]
     if any(pads):
-        volume = np.pad(volume, [(p // 2, p - p // 2) for p in pads])
+        volume = np.pad(volume, [(0, 0)] * (volume.ndim - 3) + [(p // 2, p - p // 2) for p in pads])
         centre = centre + np.array([p // 2 for p in pads])
-    start = [int(np.clip(c - size // 2, 0, n - size)) for c, n in zip(centre, volume.shape)]
-    return np.ascontiguousarray(volume[start[0]:start[0] + size, start[1]:start[1] + size, start[2]:start[2] + size])
+    start = [int(np.clip(c - size // 2, 0, n - size)) for c, n in zip(centre, volume.shape[-3:])]
+    return np.ascontiguousarray(volume[..., start[0]:start[0] + size, start[1]:start[1] + size,
+                                       start[2]:start[2] + size])
 
 
 def augment(crop: np.ndarray, config: DataConfig, rng: np.random.Generator) -> np.ndarray:
-    """Flips (each axis), a 90° axial rotation, intensity scale and shift, as configured."""
+    """Flips (each axis), a 90° axial rotation, intensity scale and shift, as configured; ``crop`` is
+    ``[..., D, D, D]`` and leading axes get the same transform."""
     for axis in range(3):
         if rng.random() < config.flip_prob:
-            crop = np.flip(crop, axis)
+            crop = np.flip(crop, crop.ndim - 3 + axis)
     if rng.random() < config.rotate_prob:
-        crop = np.rot90(crop, k=int(rng.integers(1, 4)), axes=(1, 2))
+        crop = np.rot90(crop, k=int(rng.integers(1, 4)), axes=(-2, -1))
     crop = np.array(crop, dtype=np.float32)
     if rng.random() < config.scale_prob:
         crop *= 1.0 + rng.uniform(-config.scale_range, config.scale_range)
@@ -234,7 +303,8 @@ def augment(crop: np.ndarray, config: DataConfig, rng: np.random.Generator) -> n
 
 
 class CropDataset(torch.utils.data.Dataset):
-    """Item ``g`` (any non-negative integer) → ``{"image": [1, D, D, D] float32, "seed": int64}``.
+    """Item ``g`` (any non-negative integer) → ``{"image": [1, D, D, D] float32, "seed": int64}``, and with a
+    corruption also ``"input"``: the corrupted ``[1, D, D, D]`` crop the encoder sees (``image`` is the target).
 
     ``seed`` is the per-sample seed of the patch mask. Every item is a pure function of
     ``(seed, g)``, independent of workers, processes and what was drawn before.
@@ -259,10 +329,24 @@ class CropDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item: int) -> dict:
         rng = np.random.default_rng([self.seed, int(item), 2])
-        volume, foreground, background = self.store.get(self.volume_of(item))
+        index = self.volume_of(item)
+        volume, foreground, background = self.store.get(index)
+        corruption = self.config.corruption
+        if corruption == "fdk":  # the scan's variant from a stream of its own: the clean path draws as before
+            variant = int(np.random.default_rng([self.seed, int(item), 3]).integers(self.config.fdk_variants))
+            volume = np.stack([volume, self.store.get_fdk(index, variant)])
         crop = sample_crop(volume, foreground, background, self.config.crop_size, self.config.positive_fraction, rng)
         crop = augment(crop, self.config, rng)
-        return {"image": torch.from_numpy(crop)[None], "seed": torch.tensor(int(rng.integers(2 ** 62)))}
+        item_out = {"seed": torch.tensor(int(rng.integers(2 ** 62)))}
+        if corruption == "fdk":
+            item_out.update(image=torch.from_numpy(crop[:1].copy()), input=torch.from_numpy(crop[1:].copy()))
+        else:
+            item_out["image"] = torch.from_numpy(crop)[None]
+        if corruption == "noise":
+            sigma = rng.uniform(0.0, self.config.noise_sigma_max)
+            noisy = crop + np.float32(sigma) * rng.standard_normal(crop.shape, dtype=np.float32)
+            item_out["input"] = torch.from_numpy(noisy)[None]
+        return item_out
 
 
 class StepBatches(torch.utils.data.Sampler):

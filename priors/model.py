@@ -454,8 +454,13 @@ class _MaskedAutoencoder(nn.Module):
         visible = self._visible_indices(crops, mask)
         return self.encoder(crops, visible), visible
 
-    def loss(self, crops: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.forward_loss(crops, self(crops, mask), mask)
+    def loss(self, crops: torch.Tensor, mask: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss: the encoder sees ``inputs`` (a corrupted crop; default ``crops`` itself) under
+        ``mask``, the output is compared with the clean ``crops``: on the masked voxels, or with a corrupted
+        input on every voxel (the visible part is then no copy of the target)."""
+        if inputs is None:
+            return self.forward_loss(crops, self(crops, mask), mask)
+        return self.forward_loss(crops, self(inputs, mask), torch.ones_like(mask))
 
 
 class MedGMAE(_MaskedAutoencoder):

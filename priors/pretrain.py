@@ -107,8 +107,8 @@ class _LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, crops, mask):
-        return self.model.loss(crops, mask)
+    def forward(self, crops, mask, inputs=None):
+        return self.model.loss(crops, mask, inputs)
 
 
 @dataclasses.dataclass
@@ -352,11 +352,12 @@ def _train(ctx, files, description, out, model_cfg, data_cfg, train_cfg, resume,
         for micro in range(train_cfg.accum):
             batch = next(batches)
             crops = batch["image"].to(device, non_blocking=True)
+            inputs = batch["input"].to(device, non_blocking=True) if "input" in batch else None  # corrupted crops
             mask = random_patch_mask(batch["seed"].tolist(), model_cfg.n_patches, n_masked, device)
             sync = ctx.world == 1 or micro == train_cfg.accum - 1
             with (contextlib.nullcontext() if sync else trained.no_sync()):
                 with autocast:
-                    loss = trained(crops, mask)
+                    loss = trained(crops, mask, inputs)
                 scaler.scale(loss / train_cfg.accum).backward()
             total += loss.detach() / train_cfg.accum
         scaler.unscale_(optimizer)

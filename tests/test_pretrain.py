@@ -180,3 +180,48 @@ def test_pretrain_failing_before_its_first_checkpoint_leaves_nothing(volume_fold
     code, _, err = run_cli(["pretrain", *options, "--out", tmp_path / "mine"])
     assert code == 1, err
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_corrupted_input_loss_covers_the_visible_voxels_and_trains(volume_folder, tmp_path):
+    """With a corrupted input the target's visible part matters too (it is no longer a copy of the input);
+    without one only the masked voxels count. A noise-corrupted run trains and records its corruption."""
+    from priors.model import patchify, random_patch_mask, unpatchify
+
+    cfg = model_config("tiny", "medgmae", **TINY)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    crops = torch.rand(2, 1, 32, 32, 32)
+    mask = random_patch_mask([1, 2], cfg.n_patches, cfg.n_patches - cfg.n_visible)
+    visible = ~mask[:, :, None].expand(-1, -1, 8 ** 3)
+    changed = unpatchify(torch.where(visible, patchify(crops, 8) + 0.5, patchify(crops, 8)), 8, cfg.grid)
+    with torch.no_grad():
+        noisy = crops + 0.05 * torch.randn_like(crops)
+        predicted = model(crops, mask)
+        # the plain loss counts the masked voxels only; with a corrupted input, every voxel
+        assert model.forward_loss(changed, predicted, mask) == model.forward_loss(crops, predicted, mask)
+        assert model.loss(changed, mask, noisy) != model.loss(crops, mask, noisy)
+        voxel_mae = build_model(model_config("tiny", "voxel-mae", **TINY))   # the ablation's baseline takes it too
+        voxel_predicted = voxel_mae(crops, mask)
+        assert voxel_mae.forward_loss(changed, voxel_predicted, mask) == voxel_mae.forward_loss(crops, voxel_predicted, mask)
+        assert voxel_mae.loss(changed, mask, noisy) != voxel_mae.loss(crops, mask, noisy)
+    train = TrainConfig(steps=2, batch=2, lr=1e-3, warmup_steps=1, checkpoint_every=0, preview_every=0, workers=0)
+    summary = pretrain(volume_folder, tmp_path / "run", cfg, DataConfig(crops_per_volume=2, corruption="noise"),
+                       train, device="cpu")
+    assert math.isfinite(summary["final_loss"])
+    assert read_metadata(tmp_path / "run" / "prior.pt")["input_corruption"] == {"kind": "noise", "noise_sigma_max": 0.1}
+    # the FDK-corrupted data order survives an interruption exactly (inputs from the cache on resume)
+    fdk_data = DataConfig(crops_per_volume=2, corruption="fdk", fdk_views=(30, 60), fdk_variants=2)
+    train = TrainConfig(steps=3, batch=2, checkpoint_every=1, log_every=1, preview_every=0, workers=0, seed=2)
+    pretrain(volume_folder, tmp_path / "full", cfg, fdk_data, train, cache_dir=tmp_path / "cache")
+
+    def stop_after_two(step, total, record):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(volume_folder, tmp_path / "split", cfg, fdk_data, train, cache_dir=tmp_path / "cache",
+                 progress=stop_after_two)
+    pretrain(volume_folder, tmp_path / "split", cfg, fdk_data, train, cache_dir=tmp_path / "cache", resume=True)
+    np.testing.assert_allclose([r[1] for r in _losses(tmp_path / "split")], [r[1] for r in _losses(tmp_path / "full")],
+                               rtol=1e-6)
+    assert read_metadata(tmp_path / "full" / "prior.pt")["input_corruption"]["fdk_views"] == [30, 60]

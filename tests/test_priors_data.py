@@ -155,3 +155,34 @@ def test_step_batches_partition_each_step():
         assert items == one[step]
     with pytest.raises(InputError):
         StepBatches(0, 1, batch=6, world=4)
+
+
+@needs_ct
+def test_corrupted_items_share_the_clean_crop_and_are_pure_functions_of_the_index(ct_folder, tmp_path):
+    """MDAE-style inputs: the clean target is the very crop of the uncorrupted dataset; the FDK input is
+    the same region of a cached sparse-view FDK of the volume; the noise input the crop plus σ·z."""
+    files = sorted(ct_folder.glob("*.nii.gz"))
+    base = dict(crop_size=32, crops_per_volume=2, spacing_mm=3.0, window_hu=(-1024.0, 3071.0))
+    clean = CropDataset(files, DataConfig(**base), seed=3, cache_dir=tmp_path / "cache")
+    fdk_config = DataConfig(**base, corruption="fdk", fdk_views=(40, 80), fdk_variants=2)
+    fdk = CropDataset(files, fdk_config, seed=3, cache_dir=tmp_path / "cache")
+    noise = CropDataset(files, DataConfig(**base, corruption="noise", noise_sigma_max=0.05), seed=3,
+                        cache_dir=tmp_path / "cache")
+    for item in (0, 5):
+        target = clean[item]
+        for dataset in (fdk, noise):
+            got = dataset[item]
+            assert torch.equal(got["image"], target["image"]) and int(got["seed"]) == int(target["seed"])
+            assert got["input"].shape == got["image"].shape and not torch.equal(got["input"], got["image"])
+        streaky = fdk[item]["input"].flatten().numpy()
+        truth = target["image"].flatten().numpy()
+        assert np.corrcoef(streaky, truth)[0, 1] > 0.9                     # the same region, lined up
+        assert 0.0 < float((noise[item]["input"] - target["image"]).abs().mean()) < 0.05
+    assert len(list((tmp_path / "cache").glob("*.npy"))) >= 2              # the volume and its FDK twins
+    again = CropDataset(files, fdk_config, seed=3, cache_dir=tmp_path / "cache")[5]
+    assert torch.equal(again["input"], fdk[5]["input"])                    # from the cache, identical
+    assert [fdk_config.fdk_view_count(v) for v in range(2)] == [40, 80]
+    with pytest.raises(InputError, match="corruption must be one of"):
+        DataConfig(corruption="blur")
+    with pytest.raises(InputError, match="fdk_views"):
+        DataConfig(corruption="fdk", fdk_views=(90, 60))
