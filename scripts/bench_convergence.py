@@ -51,6 +51,8 @@ def parse_args(argv=None):
     parser.add_argument("--views", type=int, default=120)
     parser.add_argument("--dose", type=float, default=None, help="incident photons per pixel (Poisson noise)")
     parser.add_argument("--inits", default="fbp,medgmae,medgmae-star")
+    parser.add_argument("--prior", action="append", default=[], metavar="INIT=PATH",
+                        help="the prior file of a prior initialiser (repeatable) [default: the shipped one]")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                         help="an extra arm (repeatable): settings over the library's defaults of their method "
@@ -134,7 +136,12 @@ def run_one(job: dict) -> dict:
     config = ReconstructConfig.from_dict(settings)
     losses = []
     started = time.perf_counter()
-    result = reconstruct(scan, init=job["init"], config=config, device="cpu", seed=job["seed"],
+    init = job["init"]
+    if job["prior"] is not None:
+        from priors.zero_shot import PriorInit
+
+        init = PriorInit(job["prior"], name=init)
+    result = reconstruct(scan, init=init, config=config, device="cpu", seed=job["seed"],
                          callback=lambda p: losses.append(p.loss) if p.loss is not None else None)
     history = result.history
     psnrs = [(h["iteration"], h["psnr"]) for h in history]
@@ -202,9 +209,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cases = [item.split("=", 1) for item in args.case]
+    priors = dict(item.split("=", 1) for item in args.prior)
     jobs = [{"case": name, "path": path, "spacing": args.spacing, "crop": args.crop, "views": args.views,
              "dose": args.dose, "seed": args.seed, "optimizer": arm, "settings": settings, "init": init,
-             "iters": args.iters,
+             "prior": priors.get(init), "iters": args.iters,
              "n_gaussians": args.n_gaussians, "eval_every": args.eval_every,
              "stop_at_thresholds": args.stop_at_thresholds, "views_per_iter_3dgr": args.views_per_iter_3dgr,
              "iters_3dgr": args.iters_3dgr}

@@ -11,7 +11,8 @@
 #
 # Environment: DATA (default ../shared/data/ct), WORK (default /tmp/ctrecon_shipped_priors: training
 # folders, the preprocessed-volume cache, the training-data folder), ARCHS, STEPS_MEDGMAE,
-# STEPS_STAR, BATCH, DEVICE, SEED, INSTALL=1 copies each prior.pt to data/priors/<arch>.pt.
+# STEPS_STAR, BATCH, DEVICE, SEED, CORRUPTION (none, noise or fdk: priors.data's input corruption;
+# default none, the shipped priors'), INSTALL=1 copies each prior.pt to data/priors/<arch>.pt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -24,6 +25,7 @@ BATCH=${BATCH:-4}
 DEVICE=${DEVICE:-cpu}
 SEED=${SEED:-0}
 INSTALL=${INSTALL:-0}
+CORRUPTION=${CORRUPTION:-none}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
 # Training data: every NIfTI volume of DATA except the held-out abdomen (and its crop), plus the
@@ -60,7 +62,7 @@ overrides = dict(crop_size=32, patch_size=8, n_gaussians=256 if arch == "medgmae
                  level_scale_offsets=(0.02, 0.05), loss="masked")
 model_cfg = model_config("tiny", arch, **overrides)
 data_cfg = DataConfig(spacing_mm=3.0, window_hu=(-1024.0, 3071.0), foreground_hu=-500.0, crop_size=32,
-                      crops_per_volume=4)
+                      crops_per_volume=4, corruption="${CORRUPTION}")
 train_cfg = TrainConfig(steps=steps, batch=${BATCH}, lr=1e-3, warmup_steps=100, checkpoint_every=200,
                         preview_every=500, log_every=10, workers=0, seed=${SEED})
 summary = pretrain("${TRAIN}", "${WORK}/" + arch, model_cfg, data_cfg, train_cfg, resume=True,
