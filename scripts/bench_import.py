@@ -52,9 +52,9 @@ def write_measured(scan, folder: Path, i0: float, dark: float, seed: int) -> Non
     from PIL import Image
 
     from ctrecon.core.geometry_files import rtk_parameters, write_rtk_geometry
-    from ctrecon.core.units import HU_MIN, HU_SPAN, MU_WATER
+    from ctrecon.core.units import attenuation_scale
 
-    kappa = MU_WATER * HU_SPAN / -HU_MIN
+    kappa = attenuation_scale()
     rng = np.random.default_rng(seed)
     counts = rng.poisson(i0 * np.exp(-kappa * scan.projections.astype(np.float64))) + dark
     if counts.max() > 65535:

@@ -6,7 +6,7 @@ about 0.25, linear in the attenuation coefficient μ, so line integrals stay phy
 import numpy as np
 import torch
 
-__all__ = ["HU_MIN", "HU_MAX", "HU_SPAN", "MU_WATER", "hu_to_unit", "unit_to_hu"]
+__all__ = ["HU_MIN", "HU_MAX", "HU_SPAN", "MU_WATER", "hu_to_unit", "unit_to_hu", "attenuation_scale"]
 
 HU_MIN, HU_MAX = -1024.0, 3071.0
 HU_SPAN = HU_MAX - HU_MIN
@@ -18,6 +18,12 @@ def hu_to_unit(hu):
     if torch.is_tensor(hu):
         return (hu.clamp(HU_MIN, HU_MAX) - HU_MIN) / HU_SPAN
     return (np.clip(hu, HU_MIN, HU_MAX) - HU_MIN) / HU_SPAN
+
+
+def attenuation_scale(mu_water: float = MU_WATER) -> float:
+    """κ = μ_water·4095/1024: the attenuation coefficient (mm⁻¹) per unit attenuation, μ = κ·u (HU −1024 is
+    μ = 0, water u = 1024/4095 is μ_water); physical line integrals are κ times those of unit attenuation."""
+    return mu_water * HU_SPAN / -HU_MIN
 
 
 def unit_to_hu(unit):

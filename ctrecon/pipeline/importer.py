@@ -22,7 +22,8 @@ from ctrecon.core.errors import InputError
 from ctrecon.core.geometry_files import DetectorGrid, field_of_view_grid, read_geometry_file
 from ctrecon.core.io import Scan
 from ctrecon.core.projection_files import line_integrals, read_projection_image, read_projection_stack
-from ctrecon.core.units import HU_MIN, HU_SPAN, MU_WATER
+from ctrecon.core.geometry import ConeBeamGeometry
+from ctrecon.core.units import MU_WATER, attenuation_scale
 
 __all__ = ["import_scan", "read_angles_file", "LINE_INTEGRAL_UNITS"]
 
@@ -98,7 +99,7 @@ def import_scan(projections, geometry, *, flat=None, dark=None, i0: Optional[flo
         pitch = pixel_size
     detector = DetectorGrid(tuple(detector_shape), pitch, stack.origin)
 
-    kappa = mu_water * HU_SPAN / -HU_MIN        # mm⁻¹ per unit attenuation
+    kappa = attenuation_scale(mu_water)         # mm⁻¹ per unit attenuation
     clipped = 0
     if intensities:
         fields = {}
@@ -126,7 +127,7 @@ def import_scan(projections, geometry, *, flat=None, dark=None, i0: Optional[flo
         scan_geometry = scan_geometry.with_volume(grid)
     summary = {"projections": str(projections), "projection_files": stack.description,
                "geometry": str(geometry), "geometry_format": read.format,
-               "geometry_kind": "circular" if scan_geometry.__class__.__name__ == "ConeBeamGeometry" else "cone_vec",
+               "geometry_kind": "circular" if isinstance(scan_geometry, ConeBeamGeometry) else "cone_vec",
                "flat": None if flat is None else str(flat), "dark": None if dark is None else str(dark),
                "i0": i0, "conversion": conversion, "clipped_transmissions": clipped,
                "min_transmission": min_transmission if intensities else None, "mu_water_per_mm": mu_water,

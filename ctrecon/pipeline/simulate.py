@@ -22,7 +22,7 @@ import torch
 from ctrecon.operators._backend import resolve_device
 from ctrecon.core.errors import InputError
 from ctrecon.core.limits import check_memory
-from ctrecon.core.units import HU_SPAN, HU_MIN, MU_WATER, hu_to_unit
+from ctrecon.core.units import MU_WATER, attenuation_scale, hu_to_unit
 from ctrecon.core.geometry import TWO_PI, ConeBeamGeometry, VolumeGeometry
 from ctrecon.core.io import Scan
 
@@ -93,7 +93,7 @@ def add_noise(projections, dose_i0: float, electronic_sigma: float = 0.0, seed: 
     fall below one photon (a dose far too low: the scan would be the clip value, not a measurement).
     """
     i0 = _positive_number(dose_i0, "dose (incident photons per pixel)")
-    kappa = _positive_number(mu_water, "mu_water (mm^-1)") * HU_SPAN / -HU_MIN
+    kappa = attenuation_scale(_positive_number(mu_water, "mu_water (mm^-1)"))
     sigma = float(electronic_sigma)
     if not math.isfinite(sigma) or sigma < 0:
         raise InputError(f"electronic noise sigma must be >= 0 counts, got {electronic_sigma}")
