@@ -16,7 +16,8 @@ Corruption (``corruption``, MDAE-style: the encoder sees a corrupted crop, the l
 clean one): ``"none"`` (MedGMAE); ``"noise"``, the variance-exploding ``x + σ·z`` with σ ~ U(0,
 ``noise_sigma_max``) per sample (window units); ``"fdk"``, the same crop of the FDK of a simulated
 noiseless sparse-view scan of the training volume (what the prior meets at reconstruction): ``fdk_variants``
-view counts spread over ``fdk_views``, each FDK computed once per volume and cached beside the volume. Clean and corrupted crops share coordinates and augmentation.
+view counts spread over ``fdk_views``, each FDK computed once per volume and cached beside the volume.
+Clean and corrupted crops share coordinates and augmentation.
 
 Transforms are written in numpy/torch rather than taken from MONAI: they are a few lines each, keep
 CPU installs light, and make every crop a pure function of ``(seed, item index)`` — which is what
@@ -237,33 +238,33 @@ class VolumeStore:
 
         return self._cached(index, ("fdk", views), make)
 
+    def _remembered(self, key, make, capacity: int):
+        """``make()`` through the in-memory LRU (most recent last), which keeps at most ``capacity`` entries."""
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            return self._memory[key]
+        value = self._memory[key] = make()
+        while len(self._memory) > capacity:
+            self._memory.popitem(last=False)
+        return value
+
     def get_fdk(self, index: int, variant: int) -> np.ndarray:
         """The corrupted twin of volume ``index`` (see :meth:`_fdk`), kept in the same small LRU."""
-        key = ("fdk", index, variant)
-        if key not in self._memory:
-            self._memory[key] = self._fdk(index, variant)
-            while len(self._memory) > 2 * self.memory_items:
-                self._memory.popitem(last=False)
-        self._memory.move_to_end(key)
-        return self._memory[key]
+        return self._remembered(("fdk", index, variant), lambda: self._fdk(index, variant), 2 * self.memory_items)
 
     def get(self, index: int):
         """``(volume [Z, Y, X] float32 in [0, 1], foreground centres [F, 3], background centres [G, 3])``."""
-        if index in self._memory:
-            self._memory.move_to_end(index)
-            return self._memory[index]
-        unit = self._load(index)
+        return self._remembered(index, lambda: self._with_candidates(self._load(index)), self.memory_items)
+
+    def _with_candidates(self, unit: np.ndarray) -> tuple:
+        """``(unit, foreground centres, background centres)`` of a preprocessed volume (see :meth:`get`)."""
         lo, hi = self.config.window_hu
         threshold = (self.config.foreground_threshold_hu - lo) / (hi - lo)
         lattice = unit[::_CANDIDATE_STRIDE, ::_CANDIDATE_STRIDE, ::_CANDIDATE_STRIDE]
         foreground = lattice > threshold
         # int16 coordinates: a 300×300×200 volume keeps ~13 MB of candidates per worker
-        entry = (unit, (np.argwhere(foreground) * _CANDIDATE_STRIDE).astype(np.int16),
-                 (np.argwhere(~foreground) * _CANDIDATE_STRIDE).astype(np.int16))
-        self._memory[index] = entry
-        while len(self._memory) > self.memory_items:
-            self._memory.popitem(last=False)
-        return entry
+        return (unit, (np.argwhere(foreground) * _CANDIDATE_STRIDE).astype(np.int16),
+                (np.argwhere(~foreground) * _CANDIDATE_STRIDE).astype(np.int16))
 
 
 # --------------------------------------------------------------------------- crops and augmentation

@@ -36,8 +36,8 @@ from ctrecon.core.limits import check_grid_memory
 from ctrecon.core.geometry import TWO_PI, ConeBeamGeometry
 from ctrecon.operators import _backend
 
-__all__ = ["FILTERS", "fdk", "check_circular", "filter_projections", "filter_response", "ramp_kernel", "cosine_weights",
-           "parker_weights", "redundancy_weights", "angular_weights", "backproject"]
+__all__ = ["FILTERS", "fdk", "check_circular", "filter_projections", "filter_response", "isocentre_column_spacing",
+           "ramp_kernel", "cosine_weights", "parker_weights", "redundancy_weights", "angular_weights", "backproject"]
 
 FILTERS = ("ram-lak", "shepp-logan", "cosine", "hann")
 
@@ -78,11 +78,15 @@ def filter_response(n_columns: int, spacing: float, filter: str = "ram-lak") -> 
     return response, padded
 
 
+def isocentre_column_spacing(geometry: ConeBeamGeometry) -> float:
+    """The detector column pitch scaled to the isocentre, du·DSO/DSD (mm): the sampling the ramp filter uses."""
+    return geometry.dDetector[1] * geometry.DSO / geometry.DSD
+
+
 def filter_projections(projections: torch.Tensor, geometry: ConeBeamGeometry, filter: str = "ram-lak") -> torch.Tensor:
     """Ramp-filter ``[..., U]`` rows along u at the isocentre pixel size du·DSO/DSD (no weighting)."""
     n_columns = projections.shape[-1]
-    spacing = geometry.dDetector[1] * geometry.DSO / geometry.DSD
-    response, padded = filter_response(n_columns, spacing, filter)
+    response, padded = filter_response(n_columns, isocentre_column_spacing(geometry), filter)
     response = torch.as_tensor(response, dtype=projections.dtype, device=projections.device)
     spectrum = torch.fft.rfft(projections, n=padded, dim=-1)
     return torch.fft.irfft(spectrum * response, n=padded, dim=-1)[..., :n_columns]

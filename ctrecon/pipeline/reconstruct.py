@@ -106,7 +106,7 @@ from ctrecon.core.io import Scan
 from ctrecon.core.limits import check_grid_memory
 from ctrecon.methods.gaussians.densify import ADDITIVE_GRAD_THRESHOLD, ADDITIVE_MIN_SCALE_VOXELS, ADDITIVE_SPLIT_OFFSET
 from ctrecon.operators.projector import Projector
-from ctrecon.operators.fdk import FILTERS, check_circular, filter_projections, filter_response
+from ctrecon.operators.fdk import FILTERS, check_circular, filter_projections, filter_response, isocentre_column_spacing
 from ctrecon.pipeline.tracking import TIMING_PHASES, RunMonitor
 
 __all__ = ["ReconstructConfig", "GaussianSettings", "ScheduleSettings", "OptimizerSettings", "DensitySettings",
@@ -574,7 +574,7 @@ def validation_split(n_views: int, n_held: int) -> tuple:
 
 def filter_gain(geometry, filter: str = "ram-lak") -> float:
     """RMS over frequencies of the response of the FDK ``filter`` on ``geometry``'s detector rows."""
-    response, _ = filter_response(geometry.nDetector[1], geometry.dDetector[1] * geometry.DSO / geometry.DSD, filter)
+    response, _ = filter_response(geometry.nDetector[1], isocentre_column_spacing(geometry), filter)
     return float(np.sqrt(np.mean(response ** 2)))
 
 
@@ -713,7 +713,8 @@ class Trainer:
     def __init__(self, scan, field, config: ReconstructConfig, *, device: torch.device, generator: torch.Generator,
                  regularizer: Callable[[torch.Tensor, int], torch.Tensor] | None, init: str, init_seconds: float,
                  held_out: tuple | None = None):
-        self.config, self.device, self.regularizer = config.for_initializer(init), device, regularizer
+        config = config.for_initializer(init)  # lambda_tv "auto" -> this initialiser's weight
+        self.config, self.device, self.regularizer = config, device, regularizer
         self.init, self.init_seconds = init, init_seconds
         self.geometry = scan.geometry
         self.grid = self.geometry.volume
