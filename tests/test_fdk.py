@@ -267,3 +267,11 @@ def test_redundancy_weights_are_half_for_a_full_scan_and_parker_for_a_short_one(
     w = redundancy_weights(short)
     assert w.shape == (40, 8) and w[0].max() == 0.0 and w[-1].max() == pytest.approx(0.0, abs=1e-12)
     assert w.max() == 1.0 and w.min() >= 0.0
+
+
+def test_fdk_refuses_a_detector_that_never_sees_the_volume():
+    geometry = ConeBeamGeometry.circular(DSO=500, DSD=800, nDetector=(20, 30), dDetector=(1.5, 1.5),
+                                         nVoxel=(10, 12, 14), dVoxel=(1, 1, 1), n_views=6, offDetector=(0, 300))
+    with pytest.raises(InputError, match="does not see the reconstruction volume"):
+        fdk(np.zeros(geometry.projection_shape, np.float32), geometry)
+    fdk(np.zeros(geometry.projection_shape, np.float32), geometry.replace(offDetector=(0, 20)))  # an edge sees it

@@ -344,13 +344,10 @@ def _check_detector_sees_volume(geometry: ConeBeamGeometry) -> None:
     lower, upper = geometry.volume.bounds()
     corners = np.array([[x, y, z] for x in (lower[0], upper[0]) for y in (lower[1], upper[1])
                         for z in (lower[2], upper[2])])
-    c, s = np.cos(geometry.angles)[:, None], np.sin(geometry.angles)[:, None]
-    distance = geometry.DSO - (corners[None, :, 0] * c + corners[None, :, 1] * s)   # [A, 8], > 0 (validated)
-    u = geometry.DSD * (-corners[None, :, 0] * s + corners[None, :, 1] * c) / distance
-    v = geometry.DSD * corners[None, :, 2] / distance
-    (sv, su), (ov, ou) = geometry.sDetector, geometry.offDetector
-    overlaps = ((u.min(1) < ou + su / 2) & (u.max(1) > ou - su / 2)
-                & (v.min(1) < ov + sv / 2) & (v.max(1) > ov - sv / 2))
+    rows, columns = geometry.detector_coordinates(corners)        # [A, 8] fractional pixel indices
+    (n_rows, n_columns) = geometry.nDetector                      # the detector spans [-0.5, n - 0.5]
+    overlaps = ((columns.min(1) < n_columns - 0.5) & (columns.max(1) > -0.5)
+                & (rows.min(1) < n_rows - 0.5) & (rows.max(1) > -0.5))
     if not overlaps.any():
         raise InputError("the scan geometry does not see the reconstruction volume: no view projects it onto "
                          "the detector (check offOrigin/offDetector)")
