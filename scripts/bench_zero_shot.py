@@ -53,10 +53,10 @@ def main(argv=None) -> int:
             truth = torch.as_tensor(scan.ground_truth)
             volume = fdk(scan.projections, scan.geometry)
             row = {"case": name, "views": views, "fdk_psnr": psnr(volume, truth), "priors": {}}
+            budget = budget_config.gaussian_budget(math.prod(scan.geometry.nVoxel))
             for spec in args.prior:
                 init, prior = spec.split("=", 1)
                 initializer = PriorInit(None if prior == "shipped" else prior, name=init)
-                budget = budget_config.gaussian_budget(math.prod(scan.geometry.nVoxel))
                 field = initializer(volume, scan.geometry.volume, budget)
                 with torch.no_grad():
                     rendered = field.render(scan.geometry.volume)
