@@ -71,7 +71,8 @@ def prior_metadata(model_cfg: ModelConfig, data_cfg, training_data: dict, step: 
         # what the encoder saw in training (priors.data): "none", "noise" (σ up to noise_sigma_max) or "fdk"
         "input_corruption": {"kind": data_cfg.corruption, **(
             {"noise_sigma_max": data_cfg.noise_sigma_max} if data_cfg.corruption == "noise" else
-            {"fdk_views": list(data_cfg.fdk_views), "fdk_variants": data_cfg.fdk_variants, "fdk_noise": "none"}
+            {"fdk_views": list(data_cfg.fdk_views), "fdk_variants": data_cfg.fdk_variants,
+             "fdk_dose": list(data_cfg.fdk_dose) or "noiseless"}
             if data_cfg.corruption == "fdk" else {})},
         "training_data": {**training_data, "preprocessing": data_cfg.to_dict()},
         # "steps": the steps this model has had (a run stopped early says so); the settings' total is kept beside

@@ -15,8 +15,9 @@ Augmentation: a flip of each axis (p 0.5 each), a 90° rotation in the axial pla
 Corruption (``corruption``, MDAE-style: the encoder sees a corrupted crop, the loss compares with the
 clean one): ``"none"`` (MedGMAE); ``"noise"``, the variance-exploding ``x + σ·z`` with σ ~ U(0,
 ``noise_sigma_max``) per sample (window units); ``"fdk"``, the same crop of the FDK of a simulated
-noiseless sparse-view scan of the training volume (what the prior meets at reconstruction): ``fdk_variants``
-view counts spread over ``fdk_views``, each FDK computed once per volume and cached beside the volume.
+sparse-view scan of the training volume (what the prior meets at reconstruction): ``fdk_variants``
+scans per volume, their view counts spread over ``fdk_views`` and, with ``fdk_dose``, their doses over that
+range (photon noise of ``simulate --dose``), each FDK computed once per volume and scan and cached beside the volume.
 Clean and corrupted crops share coordinates and augmentation.
 
 Transforms are written in numpy/torch rather than taken from MONAI: they are a few lines each, keep
@@ -34,6 +35,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -50,6 +52,7 @@ __all__ = ["DataConfig", "CORRUPTIONS", "find_volumes", "describe_volumes", "pre
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _CANDIDATE_STRIDE = 2      # foreground/background centre candidates on a 2-voxel lattice
 _CACHE_VERSION = 1
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 #: Input corruptions of pre-training (see the module docstring).
 CORRUPTIONS = ("none", "noise", "fdk")
 
@@ -74,6 +77,7 @@ class DataConfig:
     noise_sigma_max: float = 0.1         # "noise": σ ~ U(0, this) per sample, in window units
     fdk_views: tuple = (60, 180)         # "fdk": view counts spread over this range ...
     fdk_variants: int = 4                # ... in this many scans per volume
+    fdk_dose: tuple = ()                 # "fdk": () noiseless, or (lowest, highest) photons per pixel
 
     def __post_init__(self):
         lo, hi = (float(v) for v in self.window_hu)
@@ -90,6 +94,9 @@ class DataConfig:
         object.__setattr__(self, "fdk_views", tuple(int(v) for v in self.fdk_views))
         if len(self.fdk_views) != 2 or not 1 <= self.fdk_views[0] <= self.fdk_views[1]:
             raise InputError(f"fdk_views must be (fewest, most) views with 1 <= fewest <= most, got {self.fdk_views}")
+        object.__setattr__(self, "fdk_dose", tuple(float(d) for d in self.fdk_dose))
+        if self.fdk_dose and not (len(self.fdk_dose) == 2 and 0 < self.fdk_dose[0] <= self.fdk_dose[1] < float("inf")):
+            raise InputError(f"fdk_dose must be () (noiseless) or (lowest, highest) photons per pixel, got {self.fdk_dose}")
         if self.fdk_variants < 1 or not self.noise_sigma_max >= 0:
             raise InputError("fdk_variants must be >= 1 and noise_sigma_max >= 0")
 
@@ -102,10 +109,19 @@ class DataConfig:
         fewest, most = self.fdk_views
         return fewest if self.fdk_variants == 1 else round(fewest + (most - fewest) * variant / (self.fdk_variants - 1))
 
+    def fdk_dose_of(self, variant: int):
+        """Incident photons per pixel of the ``variant``-th scan (None: noiseless): log-uniform over ``fdk_dose``
+        at the fraction ``variant·0.618… mod 1`` (golden-ratio steps, so dose and view count do not move together)."""
+        if not self.fdk_dose:
+            return None
+        lowest, highest = self.fdk_dose
+        return lowest * (highest / lowest) ** ((variant * _GOLDEN) % 1.0)
+
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["window_hu"] = list(self.window_hu)
         out["fdk_views"] = list(self.fdk_views)
+        out["fdk_dose"] = list(self.fdk_dose)
         return out
 
 
@@ -217,15 +233,19 @@ class VolumeStore:
         return self._cached(index, (), lambda: preprocess(*load_volume(self.files[index]), self.config))
 
     def _fdk(self, index: int, variant: int) -> np.ndarray:
-        """The FDK, in the window's [0, 1], of a noiseless circular scan (``config.fdk_view_count(variant)``
-        views, a detector covering the volume) of the preprocessed grid, so it lines up voxel for voxel."""
+        """The FDK, in the window's [0, 1], of a circular scan (``config.fdk_view_count(variant)`` views, a
+        detector covering the volume; noiseless, or with the noise of :func:`ctrecon.core.noise.add_noise` at
+        ``config.fdk_dose_of(variant)``, seeded by the file and the scan) of the preprocessed grid, so it lines
+        up voxel for voxel."""
         from ctrecon.core.geometry import ConeBeamGeometry, VolumeGeometry
         from ctrecon.core.io import load_volume
+        from ctrecon.core.noise import add_noise
         from ctrecon.operators.fdk import fdk
         from ctrecon.operators.projector import Projector
 
         config = self.config
-        views = config.fdk_view_count(variant)
+        views, dose = config.fdk_view_count(variant), config.fdk_dose_of(variant)
+        key = ("fdk", views) if dose is None else ("fdk", views, round(dose, 3))
 
         def make():
             volume, spacing = load_volume(self.files[index])
@@ -233,10 +253,14 @@ class VolumeStore:
             geometry = ConeBeamGeometry.covering(VolumeGeometry(tuple(unit.shape), (config.spacing_mm,) * 3),
                                                  n_views=views)
             with torch.no_grad():
-                reconstruction = fdk(Projector(geometry)(unit), geometry).numpy()
+                projections = Projector(geometry)(unit)
+                if dose is not None:
+                    seed = int(hashlib.sha1(json.dumps([self.files[index].name, *key]).encode()).hexdigest()[:15], 16)
+                    projections = torch.from_numpy(add_noise(projections.numpy(), dose, seed=seed))
+                reconstruction = fdk(projections, geometry).numpy()
             return window_to_unit(unit_to_hu(reconstruction), config.window_hu)
 
-        return self._cached(index, ("fdk", views), make)
+        return self._cached(index, key, make)
 
     def _remembered(self, key, make, capacity: int):
         """``make()`` through the in-memory LRU (most recent last), which keeps at most ``capacity`` entries."""

@@ -182,6 +182,20 @@ def test_corrupted_items_share_the_clean_crop_and_are_pure_functions_of_the_inde
     again = CropDataset(files, fdk_config, seed=3, cache_dir=tmp_path / "cache")[5]
     assert torch.equal(again["input"], fdk[5]["input"])                    # from the cache, identical
     assert [fdk_config.fdk_view_count(v) for v in range(2)] == [40, 80]
+    # with a dose range each scan gets photon noise at its own dose; the noiseless twins stay as they were
+    dosed_config = DataConfig(**base, corruption="fdk", fdk_views=(40, 80), fdk_variants=2, fdk_dose=(1e4, 1e5))
+    dosed = CropDataset(files, dosed_config, seed=3, cache_dir=tmp_path / "cache")
+    doses = [dosed_config.fdk_dose_of(v) for v in range(4)]
+    assert fdk_config.fdk_dose_of(1) is None and all(1e4 <= d <= 1e5 for d in doses) and len(set(doses)) == 4
+    for item in (0, 5):
+        noisy, noiseless = dosed[item], fdk[item]
+        assert torch.equal(noisy["image"], noiseless["image"])
+        excess = float(((noisy["input"] - noisy["image"]) ** 2).mean() - ((noiseless["input"] - noiseless["image"]) ** 2).mean())
+        assert excess > 0                                                  # photon noise on top of the streaks
+        assert np.corrcoef(noisy["input"].flatten().numpy(), noisy["image"].flatten().numpy())[0, 1] > 0.8
+    assert torch.equal(CropDataset(files, dosed_config, seed=3, cache_dir=tmp_path / "cache")[5]["input"], dosed[5]["input"])
+    with pytest.raises(InputError, match="fdk_dose"):
+        DataConfig(corruption="fdk", fdk_dose=(1e5, 1e4))
     with pytest.raises(InputError, match="corruption must be one of"):
         DataConfig(corruption="blur")
     with pytest.raises(InputError, match="fdk_views"):

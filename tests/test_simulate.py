@@ -10,7 +10,8 @@ from ctrecon.core.geometry import VolumeGeometry
 from ctrecon.core.io import Scan
 from ctrecon.core.phantoms import GaussianBlob, gaussian_projections, gaussian_volume, random_gaussian_blobs
 from ctrecon.core.units import hu_to_unit, unit_to_hu
-from ctrecon.pipeline.simulate import add_noise, regrid_scan, resample_volume, simulate_scan
+from ctrecon.core.noise import add_noise
+from ctrecon.pipeline.simulate import regrid_scan, resample_volume, simulate_scan
 
 
 def test_hu_unit_round_trip_and_clipping():
