@@ -391,6 +391,15 @@ def fdk(scan, filter_name, out, device, seed):
               help="What the encoder sees (the loss compares with the clean crop, on every voxel when corrupted): "
                    "the crop (MedGMAE), the crop plus Gaussian noise of a random sigma (MDAE), or the same crop of "
                    "a cached sparse-view FDK (60-180 views) of the training volume, as at reconstruction.")
+@click.option("--fdk-dose", default=None, metavar="LOW,HIGH",
+              help="With --corruption fdk: photon noise (photons per pixel, as simulate --dose) at doses spread "
+                   "log-uniformly over LOW..HIGH across the cached scans [default: noiseless].")
+@click.option("--mask-ratio-range", default=None, metavar="LOW,HIGH",
+              help="Each step masks a share of the patches drawn from U(LOW, HIGH) (MDAE) instead of the "
+                   "config's fixed ratio; 0 is allowed with a corrupted input.")
+@click.option("--gaussian-tokens", default="queries", show_default=True, type=click.Choice(["queries", "patches"]),
+              help="queries: the paper's learnable Gaussian queries; patches: every patch token decodes "
+                   "K / patches Gaussians anchored in its patch (not in the paper).")
 @click.option("--cache", default=None, type=click.Path(file_okay=False), help="Folder caching preprocessed volumes.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="Data-loading processes.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
@@ -401,8 +410,8 @@ def fdk(scan, filter_name, out, device, seed):
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt when it exists.")
 @common_options
 def pretrain(data, config_name, architecture, out, steps, batch, accum, lr, warmup, window, loss, head_init,
-             intensity_gain, crop_size, crops_per_volume, corruption, cache, workers, precision, checkpoint_every,
-             preview_every, log_every, resume, device, seed):
+             intensity_gain, crop_size, crops_per_volume, corruption, fdk_dose, mask_ratio_range, gaussian_tokens,
+             cache, workers, precision, checkpoint_every, preview_every, log_every, resume, device, seed):
     """Pre-train a MedGMAE / MedGMAE* / voxel-MAE prior on CT volumes.
 
     Writes OUT/prior.pt (weights + metadata, for --prior), OUT/checkpoint.pt (resumable state),
@@ -426,16 +435,15 @@ def pretrain(data, config_name, architecture, out, steps, batch, accum, lr, warm
     if window.strip().lower() == "unit":
         window_hu = (-1024.0, 3071.0)
     else:
-        try:
-            window_hu = tuple(float(v) for v in window.split(","))
-        except ValueError:
-            raise InputError(f"--window must be LOW,HIGH in HU or 'unit', got {window!r}") from None
-        if len(window_hu) != 2:
-            raise InputError(f"--window must be LOW,HIGH in HU or 'unit', got {window!r}")
+        window_hu = _number_pair(window, "--window (HU, or 'unit')")
+    if fdk_dose is not None and corruption != "fdk":
+        raise InputError("--fdk-dose needs --corruption fdk")
     overrides = {"loss": loss, "head_init": head_init, "intensity_gain": intensity_gain,
-                 **({"crop_size": crop_size} if crop_size else {})}
+                 "gaussian_tokens": gaussian_tokens, **({"crop_size": crop_size} if crop_size else {}),
+                 **({"mask_ratio_range": _number_pair(mask_ratio_range, "--mask-ratio-range")} if mask_ratio_range else {})}
     cfg = model_config(config_name, architecture, **overrides)
-    data_cfg = DataConfig(window_hu=window_hu, crops_per_volume=crops_per_volume, corruption=corruption)
+    data_cfg = DataConfig(window_hu=window_hu, crops_per_volume=crops_per_volume, corruption=corruption,
+                          fdk_dose=_number_pair(fdk_dose, "--fdk-dose") if fdk_dose else ())
     train_cfg = TrainConfig(steps=steps, batch=batch, accum=accum, lr=lr, warmup_steps=warmup, precision=precision,
                             checkpoint_every=checkpoint_every, log_every=log_every, preview_every=preview_every,
                             workers=workers, seed=seed)
@@ -461,6 +469,17 @@ def pretrain(data, config_name, architecture, out, steps, batch, accum, lr, warm
                    f"{start}{summary['steps']} steps, last loss {summary['final_loss']:.6f}, "
                    f"{summary['seconds']:.1f} s on {summary['processes']} process(es), {summary['precision']}")
         click.echo(f"prior: {summary['prior']}\ncheckpoint: {summary['checkpoint']}\nlog: {summary['log']}")
+
+
+def _number_pair(text: str, option: str) -> tuple:
+    """``"LOW,HIGH"`` → (low, high) floats; anything else is one InputError line naming ``option``."""
+    try:
+        pair = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        pair = ()
+    if len(pair) != 2:
+        raise InputError(f"{option} must be LOW,HIGH (two numbers), got {text!r}")
+    return pair
 
 
 def _config_file(config_path) -> dict:

@@ -42,6 +42,10 @@ __all__ = ["ModelConfig", "CONFIGS", "ARCHITECTURES", "model_config", "build_mod
            "patchify", "unpatchify", "patch_mask_to_voxels", "sincos_position_embedding", "render_crop"]
 
 ARCHITECTURES = ("medgmae", "medgmae-star", "voxel-mae")
+#: Where MedGMAE's level-0 Gaussians come from: the paper's K learnable query tokens, or every patch token
+#: of a full decoder sequence (masked patches filled by a mask token), each decoding K / n_patches Gaussians
+#: anchored in its patch.
+GAUSSIAN_TOKENS = ("queries", "patches")
 SCALE_BIAS = -1.386       # sigmoid → 0.2 (paper §3.2 / Table 8)
 INTENSITY_BIAS = -0.405   # sigmoid → 0.4
 
@@ -51,7 +55,8 @@ class ModelConfig:
     """Architecture and loss of a prior; serialised into every checkpoint's metadata.
 
     ``mask_ratio`` is the share of patches a pre-training mask hides (the model itself takes any mask,
-    or none). Lengths of Gaussians (centres, scales) are in crop units ([0, 1] spans the crop).
+    or none); with ``mask_ratio_range`` ``(low, high)`` each optimizer step draws its share from U(low,
+    high) instead (MDAE's variable ratio, see :meth:`masked_patches`). Lengths of Gaussians (centres, scales) are in crop units ([0, 1] spans the crop).
     ``levels`` are MedGMAE*'s children per level-0 Gaussian (m1, m2); ``loss`` is ``"masked"`` (paper: MSE on masked
     voxels) or ``"zeroed-visible"`` (public code: MSE of the whole rendered crop against the input
     with visible patches zeroed). ``head_init`` ``"paper"`` is Xavier-uniform for every head,
@@ -59,6 +64,9 @@ class ModelConfig:
     intensity head (the public code renders 0.1·sigmoid). ``render`` ``"dense"`` voxelizes the whole
     crop, ``"points"`` evaluates the masked voxels only (same loss, different cost). Scales never fall
     below ``min_scale_voxels`` voxels (so every Gaussian reaches a voxel centre and keeps a gradient).
+    ``gaussian_tokens`` (:data:`GAUSSIAN_TOKENS`): ``"queries"`` is the paper's decoder; ``"patches"``
+    (not in the paper) decodes every patch into ``n_gaussians / n_patches`` Gaussians whose centres lie
+    within one patch width of fixed anchors inside the patch.
 
     Initialisation note: the field is a *sum* of K Gaussians. With the paper's heads (Xavier weights,
     intensity ≈ 0.4, scale ≈ 0.2·max) the query tokens start nearly alike, so the K Gaussians start
@@ -79,6 +87,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     drop_path: float = 0.1
     mask_ratio: float = 0.75
+    mask_ratio_range: tuple = ()
     n_gaussians: int = 512
     max_scale: float = 0.5
     min_scale_voxels: float = 0.5
@@ -93,9 +102,11 @@ class ModelConfig:
     loss: str = "masked"
     render: str = "dense"
     k_sigma: float = 3.0
+    gaussian_tokens: str = "queries"
 
     def __post_init__(self):
         object.__setattr__(self, "levels", tuple(int(m) for m in self.levels))
+        object.__setattr__(self, "mask_ratio_range", tuple(float(r) for r in self.mask_ratio_range))
         object.__setattr__(self, "level_scale_offsets", tuple(float(d) for d in self.level_scale_offsets))
         checks = [
             (self.architecture in ARCHITECTURES, f"architecture must be one of {', '.join(ARCHITECTURES)}"),
@@ -107,7 +118,14 @@ class ModelConfig:
              "encoder/decoder width must be divisible by its number of heads"),
             (0.0 < self.mask_ratio < 1.0 and 1 <= self.n_visible < self.n_patches,
              f"mask_ratio {self.mask_ratio} must leave at least one visible and one masked patch"),
+            (self.mask_ratio_range == () or (len(self.mask_ratio_range) == 2
+                                             and 0.0 <= self.mask_ratio_range[0] <= self.mask_ratio_range[1] < 1.0),
+             f"mask_ratio_range must be () or (low, high) with 0 <= low <= high < 1, got {self.mask_ratio_range}"),
             (self.n_gaussians >= 1, "n_gaussians must be >= 1"),
+            (self.gaussian_tokens in GAUSSIAN_TOKENS, f"gaussian_tokens must be one of {', '.join(GAUSSIAN_TOKENS)}"),
+            (self.gaussian_tokens == "queries" or self.n_gaussians % self.n_patches == 0,
+             f"gaussian_tokens='patches' needs n_gaussians ({self.n_gaussians}) to be a multiple of the "
+             f"{self.n_patches} patches"),
             (0.0 < self.min_scale_voxels / self.crop_size < self.max_scale,
              "need 0 < min_scale_voxels / crop_size < max_scale"),
             (len(self.levels) == len(self.level_scale_offsets) and all(m >= 1 for m in self.levels),
@@ -136,6 +154,18 @@ class ModelConfig:
         """Visible patches of a pre-training mask."""
         return int(round(self.n_patches * (1.0 - self.mask_ratio)))
 
+    def masked_patches(self, seed: int, step: int, at_least: int = 1) -> int:
+        """Patches the masks of optimizer ``step`` hide: ``n_patches - n_visible``, or with ``mask_ratio_range``
+        ``round(n_patches·r)``, r ~ U(low, high) from ``(seed, step)`` (every process and micro-step of a step
+        agrees), at least ``at_least`` (0 when the input is corrupted and the loss covers every voxel) and at
+        most ``n_patches - 1``."""
+        if not self.mask_ratio_range:
+            return self.n_patches - self.n_visible
+        low, high = self.mask_ratio_range
+        ratio = low + (high - low) * float(torch.rand((), generator=torch.Generator().manual_seed(
+            (int(seed) * 1_000_003 + int(step)) & 0x7FFF_FFFF_FFFF_FFFF)))
+        return min(self.n_patches - 1, max(int(at_least), round(self.n_patches * ratio)))
+
     @property
     def gaussians_per_level(self) -> list:
         """Gaussians per level: ``[K]`` (MedGMAE) or ``[K, m1·K, m2·K]`` (MedGMAE*); ``[]`` for voxel-MAE."""
@@ -151,6 +181,7 @@ class ModelConfig:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["levels"] = list(self.levels)
+        out["mask_ratio_range"] = list(self.mask_ratio_range)
         out["level_scale_offsets"] = list(self.level_scale_offsets)
         return out
 
@@ -420,6 +451,39 @@ class _LevelHead(nn.Module):
                      for t in self.heads(h))
 
 
+def _patch_sequence(latent: torch.Tensor, visible: torch.Tensor, n_patches: int, mask_token: torch.Tensor,
+                    pos_embed: torch.Tensor) -> torch.Tensor:
+    """``[B, 1 + n_patches, C]``: the cls token of ``latent`` ``[B, 1 + n, C]`` followed by every patch in
+    raster order, a ``visible`` patch ``[B, n]`` by its token and the others by ``mask_token``, plus ``pos_embed``."""
+    B = latent.shape[0]
+    tokens = mask_token.to(latent.dtype).expand(B, n_patches, -1)
+    tokens = tokens.scatter(1, visible[:, :, None].expand(-1, -1, latent.shape[-1]), latent[:, 1:])
+    return torch.cat([latent[:, :1], tokens + pos_embed.to(latent.dtype)], dim=1)
+
+
+def _halton(count: int, base: int) -> torch.Tensor:
+    """The first ``count`` points (from index 1) of the van der Corput sequence in ``base``, in (0, 1)."""
+    out = []
+    for index in range(1, count + 1):
+        value, fraction = 0.0, 1.0 / base
+        while index:
+            index, digit = divmod(index, base)
+            value += digit * fraction
+            fraction /= base
+        out.append(value)
+    return torch.tensor(out)
+
+
+def patch_anchors(grid: int, per_patch: int) -> torch.Tensor:
+    """``[grid³·per_patch, 3]`` crop-unit (x, y, z) anchors: in each patch (raster order z, y, x)
+    ``per_patch`` points of the 3-D Halton sequence (bases 2, 3, 5), spread over the patch."""
+    inside = torch.stack([_halton(per_patch, b) for b in (2, 3, 5)], dim=-1)        # [m, 3] in (0, 1)
+    idx = torch.arange(grid, dtype=torch.float32)
+    zz, yy, xx = torch.meshgrid(idx, idx, idx, indexing="ij")
+    corners = torch.stack([xx, yy, zz], dim=-1).reshape(-1, 1, 3)                     # [n, 1, 3]
+    return ((corners + inside[None]) / grid).reshape(-1, 3)
+
+
 class _MaskedAutoencoder(nn.Module):
     """What MedGMAE and the voxel MAE share: the encoder of the visible patches, its projection to the
     decoder width, and ``loss(crops, mask) = forward_loss(crops, model(crops, mask), mask)``."""
@@ -474,7 +538,15 @@ class MedGMAE(_MaskedAutoencoder):
         if cfg.architecture not in ("medgmae", "medgmae-star"):
             raise InputError(f"MedGMAE cannot build architecture {cfg.architecture!r}")
         super().__init__(cfg)
-        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.n_gaussians, cfg.decoder_dim))
+        if cfg.gaussian_tokens == "queries":
+            self.query_tokens = nn.Parameter(torch.zeros(1, cfg.n_gaussians, cfg.decoder_dim))
+        else:
+            per_patch = cfg.n_gaussians // cfg.n_patches
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))
+            self.child_tokens = nn.Parameter(torch.zeros(per_patch, cfg.decoder_dim))
+            self.register_buffer("decoder_pos_embed", sincos_position_embedding(cfg.grid, cfg.decoder_dim),
+                                 persistent=False)
+            self.register_buffer("anchors", patch_anchors(cfg.grid, per_patch), persistent=False)
         self.decoder_blocks = _blocks(cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, cfg.mlp_ratio,
                                       cfg.drop_path)
         self.decoder_norm = nn.LayerNorm(cfg.decoder_dim, eps=1e-6)
@@ -486,7 +558,8 @@ class MedGMAE(_MaskedAutoencoder):
         _init_transformer(self.decoder_norm)
         _init_transformer(self.heads)
         _init_transformer(self.levels)
-        nn.init.normal_(self.query_tokens, std=0.02)
+        for tokens in ((self.query_tokens,) if cfg.gaussian_tokens == "queries" else (self.mask_token, self.child_tokens)):
+            nn.init.normal_(tokens, std=0.02)
         for level in self.levels:
             nn.init.normal_(level.child_tokens, std=0.02)
         if cfg.head_init == "code":
@@ -495,23 +568,39 @@ class MedGMAE(_MaskedAutoencoder):
         nn.init.constant_(self.heads.intensity.bias, INTENSITY_BIAS)
 
     def forward(self, crops: torch.Tensor, mask: torch.Tensor | None = None) -> CropGaussians:
-        return self.forward_decoder(self.forward_encoder(crops, mask)[0])
+        return self.forward_decoder(*self.forward_encoder(crops, mask))
 
-    def forward_decoder(self, latent: torch.Tensor) -> CropGaussians:
-        """The Gaussians decoded from encoder tokens ``[B, 1 + n, E]``: the decoder reads
-        ``[cls] + K query tokens + visible tokens`` and the heads turn each query token into Gaussians."""
+    def forward_decoder(self, latent: torch.Tensor, visible: torch.Tensor | None = None) -> CropGaussians:
+        """The Gaussians decoded from encoder tokens ``[B, 1 + n, E]`` of the ``visible`` patches ``[B, n]``
+        (None: every patch). Query tokens: the decoder reads ``[cls] + K query tokens + visible tokens`` and
+        the heads turn each query token into a Gaussian. Patch tokens: it reads ``[cls] +`` every patch (see
+        :func:`_patch_sequence`), and each patch token plus each of ``K / n_patches`` child tokens is one."""
+        cfg = self.cfg
         latent = self.encoder_to_decoder(latent)
-        queries = self.query_tokens.expand(latent.shape[0], -1, -1).to(latent.dtype)
-        x = torch.cat([latent[:, :1], queries, latent[:, 1:]], dim=1)
+        if cfg.gaussian_tokens == "queries":
+            queries = self.query_tokens.expand(latent.shape[0], -1, -1).to(latent.dtype)
+            x = torch.cat([latent[:, :1], queries, latent[:, 1:]], dim=1)
+        else:
+            if visible is None:
+                visible = torch.arange(cfg.n_patches, device=latent.device).expand(latent.shape[0], -1)
+            x = _patch_sequence(latent, visible, cfg.n_patches, self.mask_token, self.decoder_pos_embed)
         for block in self.decoder_blocks:
             x = block(x)
-        return self._gaussians(self.decoder_norm(x)[:, 1:1 + self.cfg.n_gaussians])
+        x = self.decoder_norm(x)
+        if cfg.gaussian_tokens == "queries":
+            return self._gaussians(x[:, 1:1 + cfg.n_gaussians])
+        tokens = (x[:, 1:, None, :] + self.child_tokens.to(x.dtype)).reshape(x.shape[0], cfg.n_gaussians, x.shape[-1])
+        return self._gaussians(tokens, self.anchors)
 
-    def _gaussians(self, tokens: torch.Tensor) -> CropGaussians:
-        """Level 0 from the query tokens ``[B, K, C]``, then MedGMAE*'s residual levels."""
+    def _gaussians(self, tokens: torch.Tensor, anchors: torch.Tensor | None = None) -> CropGaussians:
+        """Level 0 from the tokens ``[B, K, C]``, then MedGMAE*'s residual levels. Centres: anywhere in the
+        crop (sigmoid), or with ``anchors`` ``[K, 3]`` within one patch width of them (tanh)."""
         cfg = self.cfg
         pos, scale, rot, inten = self.heads(tokens)
-        means = torch.sigmoid(pos)
+        if anchors is None:
+            means = torch.sigmoid(pos)
+        else:
+            means = anchors.to(pos.dtype) + torch.tanh(pos) * (cfg.patch_size / cfg.crop_size)
         floor = cfg.min_scale_voxels / cfg.crop_size
         scales = floor + (cfg.max_scale - floor) * torch.sigmoid(scale)
         quats = F.normalize(rot, dim=-1)
@@ -579,10 +668,7 @@ class VoxelMAE(_MaskedAutoencoder):
         """Voxels of every patch from the encoder tokens ``[B, 1 + n, E]`` of the ``visible`` patches:
         mask tokens fill the others' places."""
         latent = self.encoder_to_decoder(latent)
-        B, n_patches = latent.shape[0], self.cfg.n_patches
-        tokens = self.mask_token.to(latent.dtype).expand(B, n_patches, -1)
-        tokens = tokens.scatter(1, visible[:, :, None].expand(-1, -1, latent.shape[-1]), latent[:, 1:])
-        x = torch.cat([latent[:, :1], tokens + self.decoder_pos_embed.to(latent.dtype)], dim=1)
+        x = _patch_sequence(latent, visible, self.cfg.n_patches, self.mask_token, self.decoder_pos_embed)
         for block in self.decoder_blocks:
             x = block(x)
         return self.head(self.decoder_norm(x)[:, 1:])

@@ -314,7 +314,7 @@ def _train(ctx, files, description, out, model_cfg, data_cfg, train_cfg, resume,
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=train_cfg.workers,
                                          pin_memory=device.type == "cuda", generator=torch.Generator(),
                                          persistent_workers=False)
-    n_masked = model_cfg.n_patches - model_cfg.n_visible
+    fewest_masked = 1 if data_cfg.corruption == "none" else 0   # the clean loss needs a masked patch
     preview_item = dataset[0] if ctx.main and train_cfg.preview_every else None
 
     train_dict = {**train_cfg.to_dict(), "precision": precision, "processes": ctx.world}
@@ -349,6 +349,7 @@ def _train(ctx, files, description, out, model_cfg, data_cfg, train_cfg, resume,
         step_start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         total = torch.zeros((), device=device)
+        n_masked = model_cfg.masked_patches(train_cfg.seed, step, fewest_masked)
         for micro in range(train_cfg.accum):
             batch = next(batches)
             crops = batch["image"].to(device, non_blocking=True)
@@ -382,7 +383,8 @@ def _train(ctx, files, description, out, model_cfg, data_cfg, train_cfg, resume,
                     csv.DictWriter(handle, fieldnames=LOG_COLUMNS).writerow(record)
             if train_cfg.preview_every and done % train_cfg.preview_every == 0:
                 crop = preview_item["image"][None].to(device)
-                mask = random_patch_mask([int(preview_item["seed"])], model_cfg.n_patches, n_masked, device)
+                mask = random_patch_mask([int(preview_item["seed"])], model_cfg.n_patches,
+                                         model_cfg.n_patches - model_cfg.n_visible, device)
                 _save_preview(out / "previews" / f"step_{done:07d}.png", model, crop, mask, done, last_loss)
         if (train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0) or done == train_cfg.steps:
             checkpoint(done)

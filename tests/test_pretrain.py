@@ -17,6 +17,8 @@ from priors.pretrain import TrainConfig, lr_factor, parameter_groups, pretrain
 
 TINY = dict(crop_size=32, patch_size=8)
 DATA = DataConfig(crops_per_volume=2)
+#: The DDP test's model: a variable mask ratio, whose per-step draw every process and micro-step must share.
+DDP_MODEL = model_config("tiny", drop_path=0.0, mask_ratio_range=(0.1, 0.6), **TINY)
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +102,11 @@ def _ddp_worker(rank, world, port, data, out, train):  # what torchrun sets up, 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    pretrain(data, out, model_config("tiny", drop_path=0.0, **TINY), DATA, train, device="cpu")
+    pretrain(data, out, DDP_MODEL, DATA, train, device="cpu")
 
 
 def test_two_process_ddp_with_accumulation_matches_one_process(volume_folder, tmp_path):
-    cfg = model_config("tiny", drop_path=0.0, **TINY)
+    cfg = DDP_MODEL
     train = TrainConfig(steps=3, batch=4, checkpoint_every=0, log_every=1, preview_every=0, workers=0, seed=2)
     pretrain(volume_folder, tmp_path / "single", cfg, DATA, train)
     ddp_train = TrainConfig(**{**train.to_dict(), "accum": 2})  # 2 processes × 2 micro-batches of 1 crop
@@ -138,6 +140,33 @@ def test_cli_pretrain(volume_folder, tmp_path, capsys):
         main(["pretrain", "--data", str(volume_folder), "--config", "tiny", "--out", str(tmp_path / "y"),
               "--window", "250,-175"])
     assert exit_info.value.code == 2 and not (tmp_path / "y").exists()
+    # the MDAE-style options reach the prior's metadata
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--data", str(volume_folder), "--config", "tiny", "--out", str(tmp_path / "mdae"), "--steps", "1",
+              "--batch", "2", "--crop-size", "32", "--workers", "0", "--window", "unit", "--device", "cpu",
+              "--gaussian-tokens", "patches", "--mask-ratio-range", "0,0.5", "--corruption", "fdk", "--fdk-dose", "1e4,1e5",
+              "--cache", str(tmp_path / "cache")])
+    assert exit_info.value.code == 0
+    meta = read_metadata(tmp_path / "mdae" / "prior.pt")
+    assert meta["config"]["gaussian_tokens"] == "patches" and meta["config"]["mask_ratio_range"] == [0.0, 0.5]
+    assert meta["input_corruption"]["fdk_dose"] == [1e4, 1e5]
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--fdk-dose", "1e4,1e5"], "--fdk-dose needs --corruption fdk"),
+    (["--corruption", "fdk", "--fdk-dose", "1e4"], "--fdk-dose must be LOW,HIGH"),
+    (["--corruption", "fdk", "--fdk-dose", "1e5,1e4"], "fdk_dose must be"),
+    (["--mask-ratio-range", "0.6,0.2"], "mask_ratio_range must be"),
+    (["--mask-ratio-range", "a,b"], "--mask-ratio-range must be LOW,HIGH"),
+    (["--window", "250"], "--window (HU, or 'unit') must be LOW,HIGH"),
+])
+def test_cli_pretrain_bad_mdae_options_are_one_line(volume_folder, tmp_path, options, message):
+    from cli_helpers import run_cli
+
+    code, _, err = run_cli(["pretrain", "--data", volume_folder, "--config", "tiny", "--out", tmp_path / "run",
+                            "--crop-size", "32", "--workers", "0", *options])
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_pretrain_bad_volume_in_a_worker_is_one_line(volume_folder, tmp_path):
@@ -209,8 +238,10 @@ def test_corrupted_input_loss_covers_the_visible_voxels_and_trains(volume_folder
                        train, device="cpu")
     assert math.isfinite(summary["final_loss"])
     assert read_metadata(tmp_path / "run" / "prior.pt")["input_corruption"] == {"kind": "noise", "noise_sigma_max": 0.1}
-    # the FDK-corrupted data order survives an interruption exactly (inputs from the cache on resume)
-    fdk_data = DataConfig(crops_per_volume=2, corruption="fdk", fdk_views=(30, 60), fdk_variants=2)
+    # the FDK-corrupted data order (noisy scans), per-step mask ratios and the patch-token decoder survive an
+    # interruption exactly (inputs from the cache on resume)
+    fdk_data = DataConfig(crops_per_volume=2, corruption="fdk", fdk_views=(30, 60), fdk_variants=2, fdk_dose=(1e4, 1e5))
+    cfg = model_config("tiny", "medgmae", gaussian_tokens="patches", mask_ratio_range=(0.0, 0.5), **TINY)
     train = TrainConfig(steps=3, batch=2, checkpoint_every=1, log_every=1, preview_every=0, workers=0, seed=2)
     pretrain(volume_folder, tmp_path / "full", cfg, fdk_data, train, cache_dir=tmp_path / "cache")
 
@@ -224,4 +255,5 @@ def test_corrupted_input_loss_covers_the_visible_voxels_and_trains(volume_folder
     pretrain(volume_folder, tmp_path / "split", cfg, fdk_data, train, cache_dir=tmp_path / "cache", resume=True)
     np.testing.assert_allclose([r[1] for r in _losses(tmp_path / "split")], [r[1] for r in _losses(tmp_path / "full")],
                                rtol=1e-6)
-    assert read_metadata(tmp_path / "full" / "prior.pt")["input_corruption"]["fdk_views"] == [30, 60]
+    corruption = read_metadata(tmp_path / "full" / "prior.pt")["input_corruption"]
+    assert corruption["fdk_views"] == [30, 60] and corruption["fdk_dose"] == [1e4, 1e5]

@@ -8,7 +8,7 @@ from ctrecon.operators.voxelize import quaternion_to_rotation
 from priors import checkpoints
 from priors.gaussian_space import block_to_world, matrix_to_quaternion, world_to_block
 from priors.model import (ARCHITECTURES, CONFIGS, CropGaussians, ModelConfig, build_model, count_parameters,
-                          model_config, patch_mask_to_voxels, patchify, random_patch_mask, unpatchify)
+                          model_config, patch_anchors, patch_mask_to_voxels, patchify, random_patch_mask, unpatchify)
 
 SMALL_CROP = dict(crop_size=32, patch_size=8)  # 64 patches: fast on a CPU
 
@@ -184,6 +184,57 @@ def test_config_validation():
     with pytest.raises(InputError):
         model_config("tiny", loss="zeroed-visible", render="points")
     assert ModelConfig.from_dict(model_config("small").to_dict()) == model_config("small")
+    with pytest.raises(InputError, match="multiple of the 64 patches"):
+        model_config("tiny", gaussian_tokens="patches", n_gaussians=100, **SMALL_CROP)
+    with pytest.raises(InputError, match="gaussian_tokens"):
+        model_config("tiny", gaussian_tokens="voxels")
+    for bad in ((0.5, 0.2), (0.1, 1.0), (-0.1, 0.3), (0.3,)):
+        with pytest.raises(InputError, match="mask_ratio_range"):
+            model_config("tiny", mask_ratio_range=bad)
+    # priors written before these fields existed load with the paper's behaviour
+    old = model_config("tiny").to_dict()
+    del old["gaussian_tokens"], old["mask_ratio_range"]
+    assert ModelConfig.from_dict(old) == model_config("tiny")
+
+
+def test_variable_mask_ratio_is_drawn_per_step_from_the_seed():
+    cfg = model_config("tiny", mask_ratio_range=(0.0, 0.5), **SMALL_CROP)
+    counts = [cfg.masked_patches(3, step, at_least=0) for step in range(400)]
+    assert counts == [cfg.masked_patches(3, step, at_least=0) for step in range(400)]   # a pure function
+    assert counts != [cfg.masked_patches(4, step, at_least=0) for step in range(400)]
+    assert min(counts) == 0 and max(counts) == 32 and abs(sum(counts) / len(counts) - 16) < 1.5
+    assert min(cfg.masked_patches(3, step) for step in range(400)) == 1                 # the clean loss needs one
+    assert model_config("tiny", mask_ratio_range=(0.995, 0.999), **SMALL_CROP).masked_patches(0, 1) == 63  # never all
+    fixed = model_config("tiny", **SMALL_CROP)
+    assert {fixed.masked_patches(0, step) for step in range(20)} == {fixed.n_patches - fixed.n_visible}
+
+
+def test_patch_token_decoder_anchors_gaussians_in_their_patches():
+    """gaussian_tokens="patches": patch p's K/n Gaussians (level 0) sit within a patch width of anchors inside
+    patch p; a masked patch still decodes Gaussians (from the mask token) but its voxels are never read."""
+    cfg = model_config("tiny", "medgmae-star", gaussian_tokens="patches", n_gaussians=128, **SMALL_CROP)
+    anchors = patch_anchors(cfg.grid, 2)
+    cells = torch.floor(anchors * cfg.grid).long()                         # (x, y, z) patch of each anchor
+    raster = torch.arange(cfg.n_patches).repeat_interleave(2)
+    assert torch.equal(cells[:, 2] * 16 + cells[:, 1] * 4 + cells[:, 0], raster)
+    inside = (anchors * cfg.grid - cells).reshape(cfg.n_patches, 2, 3)           # the same two points in every patch
+    assert torch.allclose(inside, inside[:1].expand_as(inside), atol=1e-5) and not torch.allclose(inside[0, 0], inside[0, 1])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    E, C = cfg.encoder_dim, cfg.decoder_dim
+    expected = _expected_parameters(cfg)[1] - cfg.n_gaussians * C + C + 2 * C   # no queries: mask + 2 child tokens
+    assert count_parameters(model) == expected
+    crops = torch.rand(2, 1, 32, 32, 32)
+    mask = random_patch_mask([1, 2], cfg.n_patches, 16)
+    with torch.no_grad():
+        gaussians = model(crops, mask)
+        level0 = gaussians.level(cfg.gaussians_per_level, 0)
+        assert gaussians.means.shape == (2, 128 + 256 + 512, 3)
+        assert float((level0.means - anchors).abs().max()) <= 8 / 32
+        hidden = patch_mask_to_voxels(mask, 8, 4)
+        changed = model(torch.where(hidden, torch.rand_like(crops), crops), mask)
+        assert all(torch.equal(a, b) for a, b in zip(gaussians, changed))
+        assert not torch.equal(model(crops).means, gaussians.means)       # visible patches do matter
 
 
 # --------------------------------------------------------------------------- losses
@@ -254,13 +305,13 @@ def test_voxel_mae_loss_is_mse_on_masked_patches():
         assert model.loss(crops, mask).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("architecture", ["medgmae", "voxel-mae"])
-def test_tiny_model_overfits_one_crop(architecture):
+@pytest.mark.parametrize("architecture,tokens", [("medgmae", "queries"), ("medgmae", "patches"), ("voxel-mae", "queries")])
+def test_tiny_model_overfits_one_crop(architecture, tokens):
     # The public code's head variant (N(0, 0.01²) scale weights, 0.1 intensity gain): with the paper's
     # Xavier heads the K summed Gaussians start clustered and ~100× too bright, and the first steps
     # collapse the field to zero (see ModelConfig in priors/model.py).
     cfg = model_config("tiny", architecture, drop_path=0.0, crop_size=16, patch_size=4, head_init="code",
-                       intensity_gain=0.1)
+                       intensity_gain=0.1, gaussian_tokens=tokens)
     torch.manual_seed(0)
     c = (torch.arange(16, dtype=torch.float32) + 0.5) / 16
     zz, yy, xx = torch.meshgrid(c, c, c, indexing="ij")
@@ -279,7 +330,8 @@ def test_tiny_model_overfits_one_crop(architecture):
         optimizer.step()
         losses.append(loss.item())
     final = min(losses[-5:])
-    assert final < losses[0] / 10
+    # query tokens start clustered and far too bright; patch tokens start spread over the crop
+    assert final < losses[0] / (10 if tokens == "queries" else 2)
     if architecture == "medgmae":
         assert final < 0.5 * zero_prediction  # structure is fitted, not just a collapsed dark field
 
