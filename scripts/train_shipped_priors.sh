@@ -1,31 +1,44 @@
 #!/usr/bin/env bash
 # Train the two priors shipped in data/priors/ (MedGMAE and MedGMAE*) on the real CT volumes of
-# ../shared/data/ct (see data/README.md, "Shipped priors"). CPU-sized on purpose: a "tiny" network on
-# 32³ crops at 3 mm in the unit-attenuation window, which trains in about half an hour per prior on
-# two shared CPU cores. Held out: abdomen_ts_example.nii.gz and its 30-slice crop
-# abdomen_ts_example_small.nii.gz (= data/sample_abdomen_small.nii.gz, the demo case).
+# ../shared/data/ct (see data/README.md, "Shipped priors"). CPU-sized on purpose: "tiny" networks on
+# 32³ crops at 3 mm in the unit-attenuation window. Held out: abdomen_ts_example.nii.gz and its 30-slice
+# crop abdomen_ts_example_small.nii.gz (= data/sample_abdomen_small.nii.gz, the demo case).
 #
 #   bash scripts/train_shipped_priors.sh                 # both priors, one after the other
 #   ARCHS=medgmae-star STEPS_STAR=2000 bash scripts/train_shipped_priors.sh
+#   RECIPE=paper-decoder bash scripts/train_shipped_priors.sh   # the priors shipped before (see data/README.md)
 #   DEVICE=cuda bash scripts/train_shipped_priors.sh     # same recipe on a GPU
 #
+# RECIPE: "fdk-patches" (patch-token decoder 96 wide x 2 blocks, mask ratio drawn per step from U(0, 0.5),
+# encoder input the FDK of a simulated 60-180-view scan of the training volume: the shipped MedGMAE prior) or
+# "paper-decoder" (the paper's query-token decoder 48 x 1, mask ratio 0.25, clean input: the shipped MedGMAE*
+# prior). Each initialiser's default is the recipe that measured better on the development volumes.
 # Environment: DATA (default ../shared/data/ct), WORK (default /tmp/ctrecon_shipped_priors: training
-# folders, the preprocessed-volume cache, the training-data folder), ARCHS, STEPS_MEDGMAE,
+# folders WORK/RECIPE/ARCH, the preprocessed-volume cache, the training-data folder), ARCHS, STEPS_MEDGMAE,
 # STEPS_STAR, BATCH, DEVICE, SEED, CORRUPTION (none, noise or fdk: priors.data's input corruption;
-# default none, the shipped priors'), INSTALL=1 copies each prior.pt to data/priors/<arch>.pt.
+# default: the recipe's), FDK_DOSE ("LOW,HIGH" photons per pixel, or empty for noiseless FDKs; default the
+# recipe's), INSTALL=1 copies each prior.pt to data/priors/<arch>.pt when RECIPE is the arch's default, else to
+# data/priors/<arch>-<RECIPE>.pt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 DATA=${DATA:-$REPO/../shared/data/ct}
 WORK=${WORK:-/tmp/ctrecon_shipped_priors}
 ARCHS=${ARCHS:-"medgmae medgmae-star"}
-STEPS_MEDGMAE=${STEPS_MEDGMAE:-3500}
-STEPS_STAR=${STEPS_STAR:-3500}
+RECIPE=${RECIPE:-fdk-patches}
+case "$RECIPE" in
+  fdk-patches) default_corruption=fdk; default_dose=; default_steps=10500 ;;
+  paper-decoder) default_corruption=none; default_dose=; default_steps=3500 ;;
+  *) echo "RECIPE must be fdk-patches or paper-decoder, got $RECIPE" >&2; exit 2 ;;
+esac
+STEPS_MEDGMAE=${STEPS_MEDGMAE:-$default_steps}
+STEPS_STAR=${STEPS_STAR:-$default_steps}
 BATCH=${BATCH:-4}
 DEVICE=${DEVICE:-cpu}
 SEED=${SEED:-0}
 INSTALL=${INSTALL:-0}
-CORRUPTION=${CORRUPTION:-none}
+CORRUPTION=${CORRUPTION:-$default_corruption}
+FDK_DOSE=${FDK_DOSE-$default_dose}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
 # Training data: every NIfTI volume of DATA except the held-out abdomen (and its crop), plus the
@@ -48,30 +61,36 @@ from priors.data import DataConfig
 from priors.model import model_config
 from priors.pretrain import TrainConfig, pretrain
 
-arch, steps = sys.argv[1], int(sys.argv[2])
-# "tiny" widths (encoder 96 x 2 blocks, decoder 48 x 1 block) on 32-voxel crops cut into 8-voxel
-# patches (64 tokens); MedGMAE: 256 Gaussians per crop; MedGMAE*: 128 + 2·128 + 4·128 = 896. σ is capped
-# at 0.08 of the crop (2.6 voxels, 7.7 mm): with a cap of a quarter crop the network used σ ≈ 7 voxels,
-# blurry fields whose Gaussians each cover ~70 000 voxels, making a 3DGR-CT iteration 7× slower than
-# with the fbp initialisation's 20 000 small Gaussians.
-# Mask ratio 0.25 (48 of 64 patches visible), not the paper's 0.75: zero-shot inference shows the encoder
-# every patch, and a small network trained on 16 visible tokens does not carry over to 64 (all-visible
-# crop MSE 0.033 vs 0.005 after re-training at 0.25, on the held-out abdomen).
+arch, steps, recipe = sys.argv[1], int(sys.argv[2]), "${RECIPE}"
+# "tiny" encoder (96 wide x 2 blocks) on 32-voxel crops cut into 8-voxel patches (64 tokens); MedGMAE: 256
+# Gaussians per crop; MedGMAE*: 128 + 2·128 + 4·128 = 896. σ is capped at 0.08 of the crop (2.6 voxels,
+# 7.7 mm): with a cap of a quarter crop the network used σ ≈ 7 voxels, blurry fields whose Gaussians each
+# cover ~70 000 voxels, making a 3DGR-CT iteration 7× slower than with the fbp initialisation's 20 000
+# small Gaussians.
+# paper-decoder: the paper's query tokens, decoder 48 x 1 block, mask ratio 0.25 (48 of 64 patches visible),
+# not the paper's 0.75: zero-shot inference shows the encoder every patch, and a small network trained on
+# 16 visible tokens does not carry over to 64 (all-visible crop MSE 0.033 vs 0.005 after re-training at 0.25).
+# fdk-patches: patch tokens (4 or 2 Gaussians anchored in each patch), decoder 96 x 2 blocks, the mask
+# ratio drawn per step from U(0, 0.5); chosen on the development volumes (data/README.md).
 overrides = dict(crop_size=32, patch_size=8, n_gaussians=256 if arch == "medgmae" else 128, levels=(2, 4),
-                 max_scale=0.08, mask_ratio=0.25,
-                 level_scale_offsets=(0.02, 0.05), loss="masked")
+                 max_scale=0.08, mask_ratio=0.25, level_scale_offsets=(0.02, 0.05), loss="masked")
+if recipe == "fdk-patches":
+    overrides.update(gaussian_tokens="patches", decoder_dim=96, decoder_depth=2, mask_ratio_range=(0.0, 0.5))
 model_cfg = model_config("tiny", arch, **overrides)
+dose = tuple(float(v) for v in "${FDK_DOSE}".split(",")) if "${FDK_DOSE}" else ()
 data_cfg = DataConfig(spacing_mm=3.0, window_hu=(-1024.0, 3071.0), foreground_hu=-500.0, crop_size=32,
-                      crops_per_volume=4, corruption="${CORRUPTION}")
+                      crops_per_volume=4, corruption="${CORRUPTION}", fdk_dose=dose)
 train_cfg = TrainConfig(steps=steps, batch=${BATCH}, lr=1e-3, warmup_steps=100, checkpoint_every=200,
                         preview_every=500, log_every=10, workers=0, seed=${SEED})
-summary = pretrain("${TRAIN}", "${WORK}/" + arch, model_cfg, data_cfg, train_cfg, resume=True,
+summary = pretrain("${TRAIN}", "${WORK}/${RECIPE}/" + arch, model_cfg, data_cfg, train_cfg, resume=True,
                    device="${DEVICE}", cache_dir="${WORK}/cache")
 print(f"{arch}: {summary['steps']} steps, final loss {summary['final_loss']:.6f}, {summary['seconds']:.0f} s, "
       f"prior {summary['prior']}")
 EOF
   if [ "$INSTALL" = 1 ]; then
+    if [ "$arch" = medgmae ]; then default_recipe=fdk-patches; else default_recipe=paper-decoder; fi
+    if [ "$RECIPE" = "$default_recipe" ]; then dest="data/priors/$arch.pt"; else dest="data/priors/$arch-$RECIPE.pt"; fi
     mkdir -p data/priors
-    cp "$WORK/$arch/prior.pt" "data/priors/$arch.pt"
+    cp "$WORK/$RECIPE/$arch/prior.pt" "$dest"
   fi
 done
