@@ -10,10 +10,11 @@ and Gaussians. The two uses of a stitched field settle that price differently, h
 """
 
 #: Overlap of :func:`priors.zero_shot.infer_field` and ``ctrecon infer``: the field as good as the
-#: prior makes it. The shipped CPU priors put tails across the faces: on the window faces of the
+#: prior makes it. The CPU priors put tails across the faces: on the window faces of the
 #: shipped sample the error is 2.7× (MedGMAE*) to 4.3× (MedGMAE) what it is on the same planes when
 #: the windows are shifted away; with overlap 0.5 still up to 1.8×, with 0.75 at most 1.3× (no seam;
-#: ~3× more windows, and Gaussians).
+#: ~3× more windows, and Gaussians). (Measured with the paper-decoder priors, data/README.md; the test of
+#: the shipped MedGMAE* prior checks the same on every run.)
 FIELD_OVERLAP = 0.75
 
 #: Overlap of the 3DGR-CT initialisers (:class:`priors.zero_shot.PriorInit`, the "medgmae" and
@@ -25,5 +26,6 @@ FIELD_OVERLAP = 0.75
 #: iterations (MedGMAE* non-overlapping: 32.1 dB); timings taken with another run sharing the two
 #: cores. The price is the seams of the stitched field at 0.5 (plane errors up to 1.8× on window
 #: faces, above), which the optimisation then has to fit away. Convergence to 35 dB from these
-#: fields: data/README.md.
+#: fields: data/README.md. (Measured with the paper-decoder priors, then both defaults; not re-tuned for
+#: the fdk-patches MedGMAE prior shipped since.)
 INIT_OVERLAP = 0.5
