@@ -16,6 +16,11 @@ patches, :func:`random_patch_mask`) and hands them to the model, which runs the 
   heads turn each query token into one Gaussian: centre (sigmoid → [0, 1]³ of the crop, (x, y, z)),
   scales (σ in crop units, ``max_scale·sigmoid``, bias −1.386), rotation (L2-normalised quaternion
   (w, x, y, z)) and intensity (sigmoid, bias −0.405). K does not depend on the mask.
+* Patch-token decoder (``gaussian_tokens="patches"``, not in the paper): the decoder reads ``[cls] +``
+  every patch (visible ones by their encoder token, masked ones by a mask token, plus a sin-cos position
+  embedding, as the voxel-MAE decoder); each patch token plus each of ``K / n_patches`` child tokens goes
+  through the same four heads, the centre as a tanh offset of up to one patch width from a fixed Halton
+  anchor inside the patch.
 * MedGMAE*: levels 1, 2 hold ``m_l`` children per level-0 Gaussian, each a tanh-bounded residual of
   its level-0 parent (paper eq. 4): ``s_l = s_0 + ŝ_l·σ_s − Δs_l``, ``μ_l = μ_0 + μ̂_l·σ_μ``,
   ``I_l = I_0 + Î_l·σ_I``, ``q_l = normalize(q_0 + q̂_l·σ_rot)``; the rendered set is all levels.
@@ -56,7 +61,8 @@ class ModelConfig:
 
     ``mask_ratio`` is the share of patches a pre-training mask hides (the model itself takes any mask,
     or none); with ``mask_ratio_range`` ``(low, high)`` each optimizer step draws its share from U(low,
-    high) instead (MDAE's variable ratio, see :meth:`masked_patches`). Lengths of Gaussians (centres, scales) are in crop units ([0, 1] spans the crop).
+    high) instead (MDAE's variable ratio, see :meth:`masked_patches`). Lengths of Gaussians (centres,
+    scales) are in crop units ([0, 1] spans the crop).
     ``levels`` are MedGMAE*'s children per level-0 Gaussian (m1, m2); ``loss`` is ``"masked"`` (paper: MSE on masked
     voxels) or ``"zeroed-visible"`` (public code: MSE of the whole rendered crop against the input
     with visible patches zeroed). ``head_init`` ``"paper"`` is Xavier-uniform for every head,
