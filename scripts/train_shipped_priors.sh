@@ -16,8 +16,8 @@
 # Environment: DATA (default ../shared/data/ct), WORK (default /tmp/ctrecon_shipped_priors: training
 # folders WORK/RECIPE/ARCH, the preprocessed-volume cache, the training-data folder), ARCHS, STEPS_MEDGMAE,
 # STEPS_STAR, BATCH, DEVICE, SEED, CORRUPTION (none, noise or fdk: priors.data's input corruption;
-# default: the recipe's), FDK_DOSE ("LOW,HIGH" photons per pixel, or empty for noiseless FDKs; default the
-# recipe's), INSTALL=1 copies each prior.pt to data/priors/<arch>.pt (fdk-patches) or
+# default: the recipe's), FDK_DOSE ("LOW,HIGH" photons per pixel for noisy FDKs; default empty: noiseless,
+# as both recipes), INSTALL=1 copies each prior.pt to data/priors/<arch>.pt (fdk-patches) or
 # data/priors/<arch>-paper-decoder.pt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,8 +27,8 @@ WORK=${WORK:-/tmp/ctrecon_shipped_priors}
 ARCHS=${ARCHS:-"medgmae medgmae-star"}
 RECIPE=${RECIPE:-fdk-patches}
 case "$RECIPE" in
-  fdk-patches) default_corruption=fdk; default_dose=; default_steps=10500 ;;
-  paper-decoder) default_corruption=none; default_dose=; default_steps=3500 ;;
+  fdk-patches) default_corruption=fdk; default_steps=10500 ;;
+  paper-decoder) default_corruption=none; default_steps=3500 ;;
   *) echo "RECIPE must be fdk-patches or paper-decoder, got $RECIPE" >&2; exit 2 ;;
 esac
 STEPS_MEDGMAE=${STEPS_MEDGMAE:-$default_steps}
@@ -38,7 +38,7 @@ DEVICE=${DEVICE:-cpu}
 SEED=${SEED:-0}
 INSTALL=${INSTALL:-0}
 CORRUPTION=${CORRUPTION:-$default_corruption}
-FDK_DOSE=${FDK_DOSE-$default_dose}
+FDK_DOSE=${FDK_DOSE-}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
 # Training data: every NIfTI volume of DATA except the held-out abdomen (and its crop), plus the

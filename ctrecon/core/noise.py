@@ -1,12 +1,12 @@
 """The noise model of simulated scans (``simulate --dose``; also the corrupted inputs of pre-training).
 
-Unit attenuation is not a physical attenuation coefficient, so photon statistics use ``μ = κ·u`` with ``κ = μ_water·4095/1024`` (water, u = 1024/4095, gets
-``μ_water``, 0.0192 mm⁻¹ by default: water at an effective energy near 70 keV; air gets 0). A line
-integral p (unit × mm) thus attenuates the beam by ``exp(-κ·p)``. Each detector pixel receives
-``I0`` incident photons; the detected count is ``N = Poisson(I0·exp(-κ·p)) + Normal(0, σ_e²)``
-(σ_e: electronic noise, in counts), clipped at ``N ≥ 1`` (no log of zero), and the noisy line
-integral is ``-log(N / I0) / κ``. Randomness comes from ``numpy.random.default_rng(seed)`` on the
-CPU, so a seed gives the same scan on every device.
+Unit attenuation is not a physical attenuation coefficient, so photon statistics use ``μ = κ·u`` with
+``κ = μ_water·4095/1024`` (water, u = 1024/4095, gets ``μ_water``, 0.0192 mm⁻¹ by default: water at an
+effective energy near 70 keV; air gets 0). A line integral p (unit × mm) thus attenuates the beam by
+``exp(-κ·p)``. Each detector pixel receives ``I0`` incident photons; the detected count is
+``N = Poisson(I0·exp(-κ·p)) + Normal(0, σ_e²)`` (σ_e: electronic noise, in counts), clipped at ``N ≥ 1``
+(no log of zero), and the noisy line integral is ``-log(N / I0) / κ``. Randomness comes from
+``numpy.random.default_rng(seed)`` on the CPU, so a seed gives the same scan on every device.
 """
 from __future__ import annotations
 
